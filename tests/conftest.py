@@ -1,0 +1,43 @@
+"""Test setup: 8 emulated CPU devices (set before jax is imported) and asset fixtures."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def _asset(name):
+  from langptune_jax import assets
+  try:
+    return assets.asset_path(name)
+  except FileNotFoundError as e:  # make test installs them first
+    pytest.fail(str(e), pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+  return _asset("minilm")
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+  return _asset("smollm2")
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf():
+  return _asset("gemma3_270m")
+
+
+@pytest.fixture(scope="session")
+def ml100k_dir():
+  return _asset("ml100k")
