@@ -1,0 +1,160 @@
+"""Base configuration: the paper's defaults (Gemma-2B-it + mxbai-embed-large-v1).
+
+Every field can be overridden on the command line, e.g.
+``langptune-jax train --config=configs/base.py --config.rl.lr=3e-7``.
+Paper configurations (configs/gemma_2b_*.py, configs/llama3_8b_*.py) start
+from this file and change what the paper changes.
+"""
+
+import ml_collections
+
+MOVIES_TV_INSTRUCTION = (
+    "The user has rated (out of 5.0) and reviewed following movies and TV shows arranged "
+    "chronologically from the oldest (top) to the newest (bottom). Please provide a "
+    "high-level summary of the user preference in detail.")
+BOOKS_INSTRUCTION = MOVIES_TV_INSTRUCTION.replace("movies and TV shows", "books")
+MOVIELENS_INSTRUCTION = (
+    "The user has rated (out of 5.0) following movies arranged chronologically from the "
+    "oldest (top) to the newest (bottom). Please provide a high-level summary of the user "
+    "preference in detail.")
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.workdir = ""  # empty: --workdir flag or ./runs/<config name>
+
+  # --- data (design §2, steps 1-7) ---
+  c.data = d = ml_collections.ConfigDict()
+  d.source = "amazon"  # amazon | movielens
+  d.domain = "movies_tv"  # movies_tv | books | movielens (selects the instruction)
+  d.reviews = ""  # Amazon Reviews 2023 reviews JSONL(.gz)
+  d.meta = ""  # Amazon Reviews 2023 meta JSONL(.gz)
+  d.movielens_dir = ""  # folder with ml-100k.inter/.item (empty: the offline asset)
+  d.dataset_dir = ""  # prepared TFDS dataset (empty: <workdir>/dataset)
+  d.instruction = MOVIES_TV_INSTRUCTION
+  d.k_core = 5
+  d.history_len = 4
+  d.decoder_max_len = 512
+  d.prompt_max_len = 1024
+  d.test_fraction = 0.2  # users held out (by order of first interaction), halved val/test
+  d.min_test_interactions = 5
+  d.max_users = 0  # 0: all; >0 keeps the first N users (demos, smoke runs)
+  d.shuffle_buffer = 10_000
+  d.num_workers = 0  # grain worker processes (0: in-process)
+
+  # --- profile encoder (LLM) ---
+  c.encoder = e = ml_collections.ConfigDict()
+  e.family = "gemma"  # llama | gemma | gemma2 | gemma3
+  e.path = ""  # local HF directory or .gguf file
+  e.dtype = "bfloat16"  # compute dtype: float32 | bfloat16
+  e.param_dtype = "float32"
+  e.training = "lora"  # lora | partial | full
+  e.num_layers_unfrozen = 4  # with training=partial: top blocks that train
+  e.remat = "none"  # none | full | dots (activation checkpointing of each block)
+  e.cache_size = 0  # KV cache length; 0: prompt_max_len + response_length
+
+  # --- recommender decoder (text embedder) ---
+  c.decoder = r = ml_collections.ConfigDict()
+  r.family = "bert"  # bert | llama | gemma | gemma2 | gemma3
+  r.path = ""
+  r.dtype = "float32"
+  r.param_dtype = "float32"
+  r.pooling = "cls"  # cls | mean | last
+  r.normalize = True
+  r.num_layers_unfrozen = -1  # -1: the whole decoder trains; N: only the top N layers
+  r.embed_batch_size = 64  # items per batch when embedding the catalogue
+
+  # --- LoRA on the encoder ---
+  c.lora = lo = ml_collections.ConfigDict()
+  lo.rank = 1024
+  lo.alpha = 2048.0
+  lo.dropout = 0.0
+  lo.targets = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
+
+  # --- RL phase: RLSO encoder updates (REBEL-style) ---
+  c.rl = rl = ml_collections.ConfigDict()
+  rl.lr = 1e-7
+  rl.lr_schedule = "constant"  # constant | linear | cosine
+  rl.warmup_steps = 0
+  rl.weight_decay = 0.0
+  rl.adam_eps = 1e-6
+  rl.max_grad_norm = 0.0  # 0: no clipping
+  rl.num_lm_updates = 200  # RLSO updates per iteration
+  rl.prompts_per_update = 64  # global: 16 per device x 4 devices
+  rl.num_generations = 2  # G samples per prompt
+  rl.micro_batch_size = 0  # prompts per micro-batch (0: whole batch at once)
+  rl.num_ppo_epochs = 4
+  rl.eta = 1.0
+  rl.kl_coef = 0.2
+  rl.whiten_rewards = True
+  rl.reward_type = "ndcg"  # ndcg | mrr
+  rl.penalty_reward = 0.0
+  rl.response_length = 512
+  rl.temperature = 1.0
+  rl.top_k = 0
+  rl.top_p = 1.0
+  rl.stop_at_eos = False  # False: always generate response_length tokens (as the paper)
+
+  # --- CL phase: InfoNCE decoder alignment ---
+  c.cl = cl = ml_collections.ConfigDict()
+  cl.lr = 1e-7
+  cl.lr_schedule = "constant"
+  cl.warmup_steps = 0
+  cl.weight_decay = 0.0
+  cl.adam_eps = 1e-6
+  cl.max_grad_norm = 0.0
+  cl.num_emb_updates = 800
+  cl.batch_size = 128  # global: 32 per device x 4 devices
+  cl.micro_batch_size = 0
+  cl.temperature = 0.1
+
+  # --- schedule ---
+  c.train = t = ml_collections.ConfigDict()
+  t.num_iterations = 5
+  t.eval_every_iterations = 1
+  t.profile_batch_size = 32  # users per batch when writing profiles for all users
+
+  # --- evaluation ---
+  c.eval = ev = ml_collections.ConfigDict()
+  ev.ks = (5, 10, 20)
+  ev.split = "val"
+  ev.max_users = 0  # 0: the whole split
+  ev.greedy = False  # profiles for evaluation: sampled at rl.temperature, or greedy
+  ev.baselines = ("reference_query", "popularity", "random")
+
+  # --- device mesh ---
+  c.mesh = m = ml_collections.ConfigDict()
+  m.data = -1
+  m.fsdp = 1
+  m.tensor = 1
+  m.rules = ml_collections.FieldReference(None, field_type=list)  # None: parallel.DEFAULT_RULES
+
+  # --- checkpoints ---
+  c.checkpoint = ck = ml_collections.ConfigDict()
+  ck.enabled = True
+  ck.every_steps = 100  # RL or CL updates between checkpoints (phase ends always save)
+  ck.max_to_keep = 3
+  ck.resume = True
+
+  # --- logging ---
+  c.logging = lg = ml_collections.ConfigDict()
+  lg.every_steps = 10
+  lg.tensorboard = True
+  lg.jsonl = True
+  lg.num_sample_profiles = 5
+
+  # --- profiling (XLA trace of a window of steps) ---
+  c.profile = p = ml_collections.ConfigDict()
+  p.enabled = False
+  p.start_step = 5
+  p.num_steps = 3
+  p.peak_tflops = 0.0  # per chip; 0: look up the chip in the built-in table
+
+  # --- multi-host ---
+  c.distributed = dist = ml_collections.ConfigDict()
+  dist.initialize = False  # call jax.distributed.initialize() at start
+  dist.coordinator_address = ""  # empty: from the environment (TPU/SLURM)
+  dist.num_processes = 0
+  dist.process_id = -1
+  return c
