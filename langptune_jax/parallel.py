@@ -18,6 +18,7 @@ from typing import Any, Iterable, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -61,15 +62,17 @@ def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
   if len(fill) > 1:
     raise ShardingError(f"mesh: only one axis may be -1, got {', '.join('mesh.' + a for a in fill)}")
   known = math.prod(s for s in sizes.values() if s != -1)
+  # Name the axes the user fixed (not the one that fills), as they are what to change.
+  fixed = ", ".join(f"mesh.{a}={s}" for a, s in sizes.items() if s not in (-1, 1)) or "mesh"
   if fill:
     if num_devices % known:
       raise ShardingError(
-          f"mesh.{fill[0]}=-1: {num_devices} devices are not divisible by the other axes' "
-          f"product {known} ({_fmt(sizes)})")
+          f"{fixed}: {num_devices} devices are not divisible by the fixed axes' product "
+          f"{known} (mesh.{fill[0]}=-1 takes the rest)")
     sizes[fill[0]] = num_devices // known
   elif known != num_devices:
     raise ShardingError(
-        f"mesh {_fmt(sizes)} needs {known} devices but {num_devices} are available")
+        f"{fixed}: the mesh {_fmt(sizes)} needs {known} devices but {num_devices} are available")
   return sizes
 
 
@@ -84,7 +87,7 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
   shape = tuple(sizes[a] for a in MESH_AXES)
   try:
     # Topology-aware placement on TPU/GPU; falls back to a plain reshape.
-    device_array = jax.experimental.mesh_utils.create_device_mesh(
+    device_array = mesh_utils.create_device_mesh(
         shape, devices=devices, allow_split_physical_axes=True)
   except Exception:  # CPU and unusual topologies
     device_array = np.asarray(devices, dtype=object).reshape(shape)

@@ -6,12 +6,17 @@ Adapter weights are ``nnx.LoRAParam`` (a subclass of ``nnx.Param``), which lets
 the optimizer train them alone. The reference model of the RL objective is the
 same network traced with adapters off (:func:`adapters_off`), so no second copy
 of the base weights exists.
+
+:func:`apply_lora` attaches adapters to the named linear layers of a model and
+:func:`merge_lora` folds them back into dense kernels (for export).
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -62,3 +67,68 @@ class LoRA(nnx.Module):
   def delta(self) -> jax.Array:
     """The dense weight update this adapter represents, [in, out]."""
     return self.lora_a[...] @ self.lora_b[...] * self.scale
+
+
+# Target name -> attribute name of the linear layer inside a block.
+TARGET_LAYERS = {
+    "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+    "gate": "gate_proj", "up": "up_proj", "down": "down_proj", "lm_head": "lm_head",
+}
+
+
+def _linears(model: nnx.Module):
+  """(path, module) of every module with a kernel and an ``add_lora`` method."""
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Module) and hasattr(node, "add_lora") and hasattr(node, "kernel"):
+      yield path, node
+
+
+def apply_lora(model: nnx.Module, *,
+               targets: Sequence[str] = ("q", "k", "v", "o", "gate", "up", "down", "lm_head"),
+               rank: int, alpha: float, dropout: float = 0.0,
+               rngs: nnx.Rngs) -> list[str]:
+  """Adds a LoRA adapter to every linear layer named by `targets`, in place.
+
+  B starts at zero, so the model's outputs are unchanged until training.
+  A model with tied embeddings has no ``lm_head`` layer: that target is
+  skipped with a warning. Returns the '/'-joined paths of the adapted layers.
+  """
+  unknown = sorted(set(targets) - set(TARGET_LAYERS))
+  if unknown:
+    raise ValueError(f"lora.targets: unknown {unknown}; expected names from {sorted(TARGET_LAYERS)}")
+  if rank < 1:
+    raise ValueError(f"lora.rank={rank}: must be >= 1")
+  wanted = {TARGET_LAYERS[t] for t in targets}
+  adapted = []
+  for path, linear in list(_linears(model)):
+    if path and path[-1] in wanted:
+      if linear.lora is not None:
+        raise ValueError(f"apply_lora: {'/'.join(map(str, path))} already has an adapter")
+      linear.add_lora(rank=rank, alpha=alpha, dropout=dropout, rngs=rngs)
+      adapted.append("/".join(map(str, path)))
+  if "lm_head" in targets and not any(p == "lm_head" for p in adapted):
+    warnings.warn("lora.targets has 'lm_head' but the model ties its output head to the "
+                  "embeddings (no lm_head layer); no adapter added there", stacklevel=2)
+  missing = {t for t in targets if t != "lm_head"
+             and not any(p.endswith("/" + TARGET_LAYERS[t]) for p in adapted)}
+  if missing:
+    raise ValueError(f"lora.targets: no layer found for {sorted(missing)}")
+  return adapted
+
+
+def merge_lora(model: nnx.Module) -> int:
+  """Folds every adapter into its dense kernel and removes it, in place.
+
+  Returns the number of merged adapters. Afterwards the model computes the
+  same function (up to rounding) without any ``nnx.LoRAParam``.
+  """
+  merged = 0
+  for _, linear in list(_linears(model)):
+    if linear.lora is None:
+      continue
+    kernel = linear.kernel.get_value()
+    delta = linear.lora.delta().astype(jnp.float32)
+    linear.kernel.set_value((kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
+    linear.lora = nnx.data(None)
+    merged += 1
+  return merged

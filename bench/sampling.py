@@ -1,0 +1,315 @@
+"""Sampling and LoRA-training throughput: our JAX code vs HF transformers (torch, CPU).
+
+On SmolLM2-135M-Instruct (float32, greedy, exactly ``--new_tokens`` new tokens
+after ``--prompt_len``-token prompts) it measures, for each batch size:
+
+* tokens/s of :func:`langptune_jax.sampling.sample` and of HF ``generate``;
+* forward + backward + AdamW time of one LoRA (rank ``--lora_rank``) step on a
+  sequence log-prob loss, ours vs a plain LoRA wrapper on the torch model;
+* a large float32 matmul's FLOP/s in each framework, and each step's achieved
+  FLOP/s as a fraction of it;
+* peak RSS of each measurement, in its own subprocess so peaks don't mix.
+
+Compile time (our first call) is reported separately and excluded from speeds.
+Writes a markdown table to ``--out`` (default bench/results/sampling.md).
+
+  .venv/bin/python bench/sampling.py            # full run (several minutes)
+  .venv/bin/python bench/sampling.py --quick    # smoke run with tiny shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+def _peak_rss_mib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _prompts(batch: int, length: int, vocab: int, seed: int = 0):
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  # Ordinary (non-special) tokens: SmolLM2's specials live at the low ids.
+  return rng.integers(100, vocab, size=(batch, length), dtype=np.int64)
+
+
+# --- workers (each runs in its own process) ---------------------------------
+
+def _jax_matmul_flops(n: int) -> float:
+  import jax
+  import jax.numpy as jnp
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, a).block_until_ready()
+  reps, start = 5, time.perf_counter()
+  for _ in range(reps):
+    f(a, a).block_until_ready()
+  return 2.0 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+def _torch_matmul_flops(n: int) -> float:
+  import torch
+  a = torch.ones(n, n)
+  a @ a
+  reps, start = 5, time.perf_counter()
+  for _ in range(reps):
+    a @ a
+  return 2.0 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+def worker_jax_sample(args) -> dict:
+  import jax
+  import numpy as np
+
+  from langptune_jax import flops, sampling
+  from langptune_jax.weights import hf
+  model, config = hf.load_decoder(args.model, dtype="float32", param_dtype="float32")
+  out = {"matmul_flops": _jax_matmul_flops(args.matmul_n), "runs": []}
+  for batch in args.batches:
+    prompts = _prompts(batch, args.prompt_len, config.vocab_size).astype(np.int32)
+    mask = np.ones_like(prompts, bool)
+    kw = dict(rng=jax.random.key(0), max_new_tokens=args.new_tokens,
+              min_new_tokens=args.new_tokens, greedy=True, eos_ids=config.eos_ids,
+              pad_id=config.pad_id or 0)
+    start = time.perf_counter()
+    jax.block_until_ready(sampling.sample(model, prompts, mask, **kw).tokens)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    res = sampling.sample(model, prompts, mask, **kw)
+    jax.block_until_ready(res.tokens)
+    seconds = time.perf_counter() - start
+    assert int(res.response_mask.sum()) == batch * args.new_tokens
+    out["runs"].append({
+        "batch": batch, "seconds": seconds, "compile_s": max(first - seconds, 0.0),
+        "tokens_per_s": batch * args.new_tokens / seconds,
+        "flops": flops.sample_flops(config, batch, args.prompt_len, args.new_tokens)})
+  out["peak_rss_mib"] = _peak_rss_mib()
+  return out
+
+
+def worker_torch_sample(args) -> dict:
+  import torch
+  import transformers
+  path = pathlib.Path(args.model)
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+  out = {"matmul_flops": _torch_matmul_flops(args.matmul_n), "runs": []}
+  for batch in args.batches:
+    prompts = torch.tensor(_prompts(batch, args.prompt_len, model.config.vocab_size))
+    kw = dict(attention_mask=torch.ones_like(prompts), do_sample=False,
+              pad_token_id=model.config.eos_token_id)
+    with torch.no_grad():
+      model.generate(prompts, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
+      start = time.perf_counter()
+      gen = model.generate(prompts, max_new_tokens=args.new_tokens,
+                           min_new_tokens=args.new_tokens, **kw)
+      seconds = time.perf_counter() - start
+    assert gen.shape == (batch, args.prompt_len + args.new_tokens), gen.shape
+    out["runs"].append({"batch": batch, "seconds": seconds,
+                        "tokens_per_s": batch * args.new_tokens / seconds})
+  out["peak_rss_mib"] = _peak_rss_mib()
+  return out
+
+
+def worker_jax_train(args) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from flax import nnx
+
+  from langptune_jax import flops, sampling
+  from langptune_jax.models import finetune, lora
+  from langptune_jax.weights import hf
+  model, config = hf.load_decoder(args.model, dtype="float32", param_dtype="float32")
+  lora.apply_lora(model, targets=LORA_TARGETS, rank=args.lora_rank, alpha=2.0 * args.lora_rank,
+                  rngs=nnx.Rngs(0))
+  wrt = finetune.trainable_filter("lora")
+  optimizer = nnx.Optimizer(model, optax.adamw(1e-4, eps=1e-6), wrt=wrt)
+  b, p, n = args.train_batch, args.prompt_len, args.new_tokens
+  tokens = _prompts(b, p + n, config.vocab_size, seed=1).astype(np.int32)
+  prompt, response = jnp.asarray(tokens[:, :p]), jnp.asarray(tokens[:, p:])
+  ones_p, ones_r = jnp.ones((b, p), bool), jnp.ones((b, n), bool)
+
+  @nnx.jit
+  def step(model, optimizer, prompt, response):
+    def loss_fn(model):
+      logp = sampling.sequence_logprobs(model, prompt, ones_p, response, ones_r)
+      return -jnp.mean(logp)
+    loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model)
+    optimizer.update(model, grads)
+    return loss
+
+  start = time.perf_counter()
+  jax.block_until_ready(step(model, optimizer, prompt, response))
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(args.train_reps):
+    start = time.perf_counter()
+    jax.block_until_ready(step(model, optimizer, prompt, response))
+    times.append(time.perf_counter() - start)
+  seconds = min(times)
+  per_token = flops.train_flops_per_token(config, p + n, lora_rank=args.lora_rank,
+                                          lora_targets=LORA_TARGETS)
+  return {"seconds": seconds, "compile_s": max(first - seconds, 0.0),
+          "flops": per_token * b * (p + n), "matmul_flops": _jax_matmul_flops(args.matmul_n),
+          "peak_rss_mib": _peak_rss_mib()}
+
+
+def worker_torch_train(args) -> dict:
+  import torch
+  import transformers
+  path = pathlib.Path(args.model)
+  model = transformers.AutoModelForCausalLM.from_pretrained(
+      str(path.parent), gguf_file=path.name, dtype=torch.float32)
+  model.train()
+  for param in model.parameters():
+    param.requires_grad_(False)
+
+  class LoRALinear(torch.nn.Module):
+    """base(x) + (x @ A) @ B * alpha / r, B zero-initialised."""
+
+    def __init__(self, base, rank, alpha):
+      super().__init__()
+      self.base = base
+      self.a = torch.nn.Parameter(torch.randn(base.in_features, rank) / base.in_features ** 0.5)
+      self.b = torch.nn.Parameter(torch.zeros(rank, base.out_features))
+      self.scale = alpha / rank
+
+    def forward(self, x):
+      return self.base(x) + (x @ self.a) @ self.b * self.scale
+
+  names = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+  for module in list(model.modules()):
+    for name, child in list(module.named_children()):
+      if name in names and isinstance(child, torch.nn.Linear):
+        setattr(module, name, LoRALinear(child, args.lora_rank, 2.0 * args.lora_rank))
+  params = [p for p in model.parameters() if p.requires_grad]
+  optimizer = torch.optim.AdamW(params, lr=1e-4, eps=1e-6)
+  b, p, n = args.train_batch, args.prompt_len, args.new_tokens
+  tokens = torch.tensor(_prompts(b, p + n, model.config.vocab_size, seed=1))
+
+  def step():
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(tokens[:, :-1]).logits[:, p - 1:].float()
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, p:, None])[..., 0]
+    loss = -logp.sum(-1).mean()
+    loss.backward()
+    optimizer.step()
+    return float(loss)
+
+  step()  # warm-up
+  times = []
+  for _ in range(args.train_reps):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return {"seconds": min(times), "matmul_flops": _torch_matmul_flops(args.matmul_n),
+          "peak_rss_mib": _peak_rss_mib()}
+
+
+WORKERS = {"jax_sample": worker_jax_sample, "torch_sample": worker_torch_sample,
+           "jax_train": worker_jax_train, "torch_train": worker_torch_train}
+
+
+# --- driver -----------------------------------------------------------------
+
+def _run_worker(name: str, argv: list[str]) -> dict:
+  print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+  env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+             TOKENIZERS_PARALLELISM="false", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, __file__, "--worker", name] + argv, env=env,
+                        capture_output=True, text=True, cwd=ROOT)
+  if proc.returncode:
+    sys.stderr.write(proc.stderr[-4000:])
+    raise SystemExit(f"bench worker {name} failed (exit {proc.returncode})")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _table(args, res) -> str:
+  js, ts, jt, tt = res["jax_sample"], res["torch_sample"], res["jax_train"], res["torch_train"]
+  lines = [
+      f"# Sampling and LoRA training: ours (JAX) vs HF transformers (torch), CPU float32",
+      "",
+      f"SmolLM2-135M-Instruct, prompts {args.prompt_len} tokens, {args.new_tokens} new tokens "
+      f"(greedy, min_new_tokens = max_new_tokens), {os.cpu_count()} CPU cores.",
+      f"Matmul peak ({args.matmul_n}^3 float32): JAX {js['matmul_flops'] / 1e9:.1f} GFLOP/s, "
+      f"torch {ts['matmul_flops'] / 1e9:.1f} GFLOP/s.",
+      "",
+      "| measurement | ours | HF / torch | ratio (ours / HF) | ours: GFLOP/s (fraction of "
+      "matmul peak) | compile (s) | peak RSS ours / HF (MiB) |",
+      "|---|---|---|---|---|---|---|",
+  ]
+  for ours, theirs in zip(js["runs"], ts["runs"]):
+    achieved = ours["flops"] / ours["seconds"]
+    lines.append(
+        f"| sample, batch {ours['batch']} | {ours['tokens_per_s']:.1f} tok/s "
+        f"| {theirs['tokens_per_s']:.1f} tok/s | {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x "
+        f"| {achieved / 1e9:.1f} ({achieved / js['matmul_flops']:.0%}) | {ours['compile_s']:.1f} "
+        f"| {js['peak_rss_mib']:.0f} / {ts['peak_rss_mib']:.0f} |")
+  achieved = jt["flops"] / jt["seconds"]
+  lines.append(
+      f"| LoRA r={args.lora_rank} step (fwd+bwd+AdamW), batch {args.train_batch} x "
+      f"{args.prompt_len + args.new_tokens} | {jt['seconds'] * 1e3:.0f} ms | "
+      f"{tt['seconds'] * 1e3:.0f} ms | {tt['seconds'] / jt['seconds']:.2f}x "
+      f"| {achieved / 1e9:.1f} ({achieved / jt['matmul_flops']:.0%}) | {jt['compile_s']:.1f} "
+      f"| {jt['peak_rss_mib']:.0f} / {tt['peak_rss_mib']:.0f} |")
+  lines += ["", "Ratios > 1 mean ours is faster (training: torch time / our time). "
+            "Sampling FLOPs count prefill and decode (flops.sample_flops); training FLOPs "
+            "count forward + activation backward + adapter weight gradients."]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model", default="")
+  parser.add_argument("--batches", default="8,32")
+  parser.add_argument("--prompt_len", type=int, default=128)
+  parser.add_argument("--new_tokens", type=int, default=128)
+  parser.add_argument("--lora_rank", type=int, default=16)
+  parser.add_argument("--train_batch", type=int, default=8)
+  parser.add_argument("--train_reps", type=int, default=3)
+  parser.add_argument("--matmul_n", type=int, default=2048)
+  parser.add_argument("--out", default=str(ROOT / "bench/results/sampling.md"))
+  parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run")
+  parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if not args.model:
+    sys.path.insert(0, str(ROOT))
+    from langptune_jax import assets
+    args.model = str(assets.asset_path("smollm2"))
+  if args.quick:
+    args.batches, args.prompt_len, args.new_tokens = "2", 16, 8
+    args.train_batch, args.train_reps, args.matmul_n = 2, 1, 512
+  args.batches = [int(b) for b in str(args.batches).split(",")]
+  if args.worker:
+    sys.path.insert(0, str(ROOT))
+    print(json.dumps(WORKERS[args.worker](args)))
+    return
+  passthrough = [f"--model={args.model}", f"--prompt_len={args.prompt_len}",
+                 f"--new_tokens={args.new_tokens}", f"--lora_rank={args.lora_rank}",
+                 f"--train_batch={args.train_batch}", f"--train_reps={args.train_reps}",
+                 f"--matmul_n={args.matmul_n}", "--batches=" + ",".join(map(str, args.batches))]
+  results = {name: _run_worker(name, passthrough) for name in WORKERS}
+  table = _table(args, results)
+  print(table)
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_suffix(".tmp")
+  tmp.write_text(table)
+  tmp.replace(out)  # atomic
+  (out.with_suffix(".json")).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+  main()

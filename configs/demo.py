@@ -1,0 +1,68 @@
+"""Demo configuration: MovieLens-100K, SmolLM2-135M-Instruct encoder, all-MiniLM-L6-v2 decoder.
+
+Everything comes from the offline assets (``langptune-jax assets``), so
+``make demo`` runs end to end on a laptop CPU. Sizes are small on purpose;
+the paper's settings live in configs/base.py and the paper configs.
+"""
+
+import os
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import base  # noqa: E402  (configs/ is not a package)
+
+
+def _asset(relative: str) -> str:
+  # Same location rule as langptune_jax.assets.cache_dir; the path may not exist yet.
+  cache = pathlib.Path(os.environ.get("LANGPTUNE_CACHE", "~/.cache/langptune_jax")).expanduser()
+  return str(cache / relative)
+
+
+def get_config():
+  c = base.get_config()
+  c.data.source = "movielens"
+  c.data.domain = "movielens"
+  c.data.instruction = base.MOVIELENS_INSTRUCTION
+  c.data.movielens_dir = _asset("ml-100k")
+  c.data.history_len = 4
+  c.data.prompt_max_len = 384
+  c.data.decoder_max_len = 128
+  c.data.max_users = 256
+
+  c.encoder.family = "llama"
+  c.encoder.path = _asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+  c.encoder.dtype = "float32"
+  c.encoder.training = "lora"
+
+  c.decoder.family = "bert"
+  c.decoder.path = _asset("minilm")
+  c.decoder.pooling = "mean"
+  c.decoder.embed_batch_size = 64
+
+  c.lora.rank = 8
+  c.lora.alpha = 16.0
+
+  c.rl.lr = 1e-5
+  c.rl.kl_coef = 0.05
+  c.rl.num_lm_updates = 4
+  c.rl.prompts_per_update = 8
+  c.rl.num_generations = 2
+  c.rl.num_ppo_epochs = 2
+  c.rl.response_length = 64
+
+  c.cl.lr = 2e-5
+  c.cl.num_emb_updates = 8
+  c.cl.batch_size = 16
+
+  c.train.num_iterations = 1
+  c.train.profile_batch_size = 16
+
+  c.eval.max_users = 64
+
+  c.mesh.data = -1
+  c.checkpoint.every_steps = 10
+  c.checkpoint.max_to_keep = 1
+  c.logging.every_steps = 1
+  return c

@@ -1,0 +1,88 @@
+"""Text templates: domain instructions, item texts, history blocks and the chat wrapper.
+
+The chat template always comes from the encoder's own tokenizer
+(`apply_chat_template` with one user turn and the generation prompt), so Gemma
+turns, Llama 3 headers and ChatML (SmolLM2) are whatever the model expects.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+MOVIES_TV_INSTRUCTION = (
+    "The user has rated (out of 5.0) and reviewed following movies and TV shows arranged "
+    "chronologically from the oldest (top) to the newest (bottom). Please provide a "
+    "high-level summary of the user preference in detail.")
+BOOKS_INSTRUCTION = MOVIES_TV_INSTRUCTION.replace("movies and TV shows", "books")
+MOVIELENS_INSTRUCTION = (
+    "The user has rated (out of 5.0) following movies arranged chronologically from the "
+    "oldest (top) to the newest (bottom). Please provide a high-level summary of the user "
+    "preference in detail.")
+
+INSTRUCTIONS = {
+    "movies_tv": MOVIES_TV_INSTRUCTION,
+    "books": BOOKS_INSTRUCTION,
+    "movielens": MOVIELENS_INSTRUCTION,
+}
+
+
+def resolve_instruction(data_cfg: Any) -> str:
+  """The instruction for `data_cfg`: a custom `instruction` wins over the domain's.
+
+  An empty `instruction`, or one equal to a built-in domain default (the value a
+  base config carries), means "use the domain's instruction", so that switching
+  `data.domain` alone is enough.
+  """
+  domain = data_cfg.get("domain", "movies_tv")
+  custom = data_cfg.get("instruction", "") or ""
+  if custom and custom not in INSTRUCTIONS.values():
+    return custom
+  if domain not in INSTRUCTIONS:
+    if custom:
+      return custom
+    raise ValueError(
+        f"data.domain={domain!r} has no built-in instruction (known: "
+        f"{', '.join(INSTRUCTIONS)}); set data.instruction")
+  return INSTRUCTIONS[domain]
+
+
+def _fmt(value: Any) -> str:
+  return "None" if value is None else str(value)
+
+
+def amazon_item_text(title: str, average_rating: Any, description: Sequence[str],
+                     categories: Sequence[str], price: Any) -> str:
+  """Item text of an Amazon Reviews 2023 meta row (design §2 step 3)."""
+  return (f"Title: {title}\n"
+          f"Description: (average rating: {_fmt(average_rating)}) {' '.join(description)}\n"
+          f"Category: {', '.join(categories)}\n"
+          f"Price: {_fmt(price)}")
+
+
+def movielens_item_text(title: str, year: str, genres: Sequence[str]) -> str:
+  """Item text of a MovieLens movie: title, release year and genres."""
+  return f"Title: {title}\nRelease year: {year}\nGenres: {', '.join(genres)}"
+
+
+def review_block(item_text: str, rating: Any, text: str) -> str:
+  """One history interaction with a review (Amazon)."""
+  return f"{item_text}\nReview from the user: (rating: {_fmt(rating)}) {text}"
+
+
+def rating_block(item_text: str, rating: Any) -> str:
+  """One history interaction with a rating only (MovieLens)."""
+  return f"{item_text}\nRating from the user: {_fmt(rating)}"
+
+
+def prompt_content(instruction: str, blocks: Sequence[str]) -> str:
+  """The user turn: instruction, then the history blocks, separated by blank lines."""
+  return "\n\n".join([instruction, *blocks])
+
+
+def wrap_chat(tokenizer, content: str) -> str:
+  """`content` as one user turn plus the generation prompt, in the tokenizer's template."""
+  if not getattr(tokenizer, "chat_template", None):
+    raise ValueError(
+        f"encoder tokenizer {getattr(tokenizer, 'name_or_path', '?')} has no chat template")
+  return tokenizer.apply_chat_template(
+      [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)

@@ -1,0 +1,1 @@
+"""Recommendation side: ranking metrics, cosine retrieval over the catalogue, rewards, baselines."""

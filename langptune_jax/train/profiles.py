@@ -1,0 +1,100 @@
+"""Writing user profiles with the encoder, and turning them into decoder inputs.
+
+Profiles are generated in fixed-size batches of prompts (the last batch is
+padded with copies, then dropped) so the sampler compiles once per shape. The
+generated tokens are decoded to text on the host and re-tokenized with the
+decoder's tokenizer; a profile that fills the whole decoder window was cut and
+is marked ``truncated`` (it earns the penalty reward in the RL phase).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from langptune_jax import parallel
+from langptune_jax import sampling
+from langptune_jax.models import embedder as embedder_lib
+
+
+@dataclasses.dataclass
+class Profiles:
+  """Profiles of a set of users, aligned with the rows given to :func:`write_profiles`."""
+
+  texts: list[str]
+  decoder_tokens: np.ndarray  # int32 [U, L], right-padded
+  decoder_mask: np.ndarray  # [U, L]
+  truncated: np.ndarray  # bool [U]
+  response_tokens: np.ndarray | None = None  # int32 [U, N]
+  response_mask: np.ndarray | None = None  # bool [U, N]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+  max_new_tokens: int
+  temperature: float
+  top_k: int
+  top_p: float
+  stop_at_eos: bool
+  eos_ids: tuple[int, ...]
+  pad_id: int
+  cache_size: int | None = None
+
+  @classmethod
+  def from_config(cls, config, eos_ids, pad_id) -> "SamplingSettings":
+    rl = config.rl
+    return cls(int(rl.response_length), float(rl.temperature), int(rl.top_k), float(rl.top_p),
+               bool(rl.stop_at_eos), tuple(int(e) for e in eos_ids), int(pad_id),
+               int(config.encoder.cache_size) or None)
+
+
+def generate(model, prompt_tokens, prompt_mask, settings: SamplingSettings, rng,
+             greedy: bool = False) -> sampling.SampleOutput:
+  return sampling.sample(
+      model, prompt_tokens, prompt_mask, rng=rng, max_new_tokens=settings.max_new_tokens,
+      temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+      eos_ids=settings.eos_ids, pad_id=settings.pad_id, stop_at_eos=settings.stop_at_eos,
+      greedy=greedy, cache_size=settings.cache_size)
+
+
+def decode_responses(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[str]:
+  """Response token rows -> profile texts (masked tokens and special tokens dropped)."""
+  rows = [row[m.astype(bool)].tolist() for row, m in zip(np.asarray(tokens), np.asarray(mask))]
+  return [t.strip() for t in tokenizer.batch_decode(rows, skip_special_tokens=True)]
+
+
+def to_decoder_inputs(texts: list[str], tokenizer, max_len: int):
+  tokens, mask = embedder_lib.tokenize_texts(tokenizer, texts, max_len)
+  return tokens, mask, np.asarray(embedder_lib.is_truncated(mask), bool)
+
+
+def write_profiles(model, prompt_tokens: np.ndarray, prompt_mask: np.ndarray, *,
+                   settings: SamplingSettings, encoder_tokenizer, decoder_tokenizer,
+                   decoder_max_len: int, batch_size: int, rng: jax.Array, greedy: bool = False,
+                   mesh=None, rules=parallel.DEFAULT_RULES, desc: str = "writing profiles",
+                   keep_tokens: bool = False) -> Profiles:
+  """Generates one profile per prompt row, `batch_size` prompts at a time."""
+  num = prompt_tokens.shape[0]
+  if num == 0:
+    raise ValueError(f"{desc}: no users to write profiles for")
+  texts, responses, masks = [], [], []
+  with parallel.use_mesh(mesh, rules):
+    for i, start in enumerate(tqdm(range(0, num, batch_size), desc=desc, unit="batch")):
+      stop = min(start + batch_size, num)
+      pad = batch_size - (stop - start)
+      tok = np.concatenate([prompt_tokens[start:stop]] + [prompt_tokens[stop - 1:stop]] * pad)
+      msk = np.concatenate([prompt_mask[start:stop]] + [prompt_mask[stop - 1:stop]] * pad)
+      out = generate(model, tok, msk, settings, jax.random.fold_in(rng, i), greedy=greedy)
+      out_tokens = np.asarray(jax.device_get(out.tokens))[: stop - start]
+      out_mask = np.asarray(jax.device_get(out.response_mask))[: stop - start]
+      texts.extend(decode_responses(encoder_tokenizer, out_tokens, out_mask))
+      if keep_tokens:
+        responses.append(out_tokens)
+        masks.append(out_mask)
+  tokens, mask, truncated = to_decoder_inputs(texts, decoder_tokenizer, decoder_max_len)
+  return Profiles(texts, tokens, mask, truncated,
+                  np.concatenate(responses) if keep_tokens else None,
+                  np.concatenate(masks) if keep_tokens else None)

@@ -1,0 +1,69 @@
+"""The in-memory view of a prepared dataset that the training loop works on.
+
+The loop needs whole splits at once (profiles are regenerated for every train
+and validation user in each CL phase, and the catalogue is re-embedded in each
+RL phase), so it holds them as numpy arrays; batches are drawn from them by
+index with seeded permutations, which makes the data position part of the loop
+position and resumption exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class UserSplit:
+  user: np.ndarray  # int32 [U]
+  prompt_tokens: np.ndarray  # int32 [U, P], left-padded
+  prompt_mask: np.ndarray  # bool [U, P]
+  history: np.ndarray  # int32 [U, H], -1 = padding
+  target: np.ndarray  # int32 [U]
+  prompt_text: list[str] = dataclasses.field(default_factory=list)
+
+  def __len__(self) -> int:
+    return int(self.user.shape[0])
+
+  def take(self, index) -> "UserSplit":
+    index = np.asarray(index)
+    texts = [self.prompt_text[i] for i in index] if self.prompt_text else []
+    return UserSplit(self.user[index], self.prompt_tokens[index], self.prompt_mask[index],
+                     self.history[index], self.target[index], texts)
+
+  def head(self, n: int) -> "UserSplit":
+    return self if n <= 0 or n >= len(self) else self.take(np.arange(n))
+
+  def last_history_item(self) -> np.ndarray:
+    """The most recent history item of each user (the reference-query baseline)."""
+    valid = self.history >= 0
+    last = np.maximum(valid.sum(axis=1) - 1, 0)
+    return self.history[np.arange(len(self)), last]
+
+
+@dataclasses.dataclass
+class RunData:
+  train: UserSplit
+  val: UserSplit
+  test: UserSplit
+  item_tokens: np.ndarray  # int32 [N, L], right-padded decoder tokens
+  item_mask: np.ndarray  # [N, L]
+  item_text: list[str]
+
+  @property
+  def num_items(self) -> int:
+    return int(self.item_tokens.shape[0])
+
+  def split(self, name: str) -> UserSplit:
+    if name not in ("train", "val", "test"):
+      raise ValueError(f"eval.split={name!r}: expected train, val or test")
+    return getattr(self, name)
+
+  def train_item_counts(self) -> np.ndarray:
+    """Interactions per item in the training users' histories and targets (popularity)."""
+    counts = np.zeros(self.num_items, np.int64)
+    hist = self.train.history[self.train.history >= 0]
+    np.add.at(counts, hist, 1)
+    np.add.at(counts, self.train.target, 1)
+    return counts

@@ -1,0 +1,149 @@
+"""Exports a Decoder to a Hugging Face directory (config.json + model.safetensors).
+
+LoRA adapters are merged into their kernels (``W + A @ B * alpha / rank``), so
+the result is a plain model that ``transformers.AutoModelForCausalLM`` (and
+other HF-format readers) load directly. The directory is written next to its
+destination first and moved into place at the end, so a crash never leaves a
+half-written model behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from langptune_jax.models import gemma, layers, llama
+from langptune_jax.models.transformer import Decoder, DecoderConfig
+from langptune_jax.weights import hf as hf_weights
+
+_NP_TO_ST = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+             np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.int32): "I32",
+             np.dtype(np.int64): "I64"}
+# Files copied from a source directory when given (tokenizer and chat template).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "tokenizer.model", "vocab.json", "merges.txt", "chat_template.jinja",
+                    "chat_template.json", "added_tokens.json")
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
+                      metadata: dict[str, str] | None = None) -> None:
+  """Writes a safetensors file (bfloat16 included) from host arrays."""
+  header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
+  offset = 0
+  arrays = []
+  for name in sorted(tensors):
+    array = np.ascontiguousarray(tensors[name])
+    if array.dtype not in _NP_TO_ST:
+      raise ValueError(f"{path}: tensor {name} has unsupported dtype {array.dtype}")
+    header[name] = {"dtype": _NP_TO_ST[array.dtype], "shape": list(array.shape),
+                    "data_offsets": [offset, offset + array.nbytes]}
+    offset += array.nbytes
+    arrays.append(array)
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for array in arrays:
+      f.write(array.tobytes())
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  if jax.process_count() > 1 and not x.is_fully_addressable:
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
+def merged_params(model: nnx.Module) -> dict[str, np.ndarray]:
+  """Our path -> host array of every base parameter, LoRA deltas merged in."""
+  out: dict[str, np.ndarray] = {}
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    if isinstance(var, nnx.LoRAParam):
+      continue
+    out["/".join(map(str, path))] = _to_host(var.get_value())
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, layers.Linear) and node.lora is not None:
+      key = "/".join(map(str, path)) + "/kernel"
+      delta = _to_host(node.lora.delta())
+      out[key] = (out[key].astype(np.float32) + delta.astype(np.float32)).astype(out[key].dtype)
+  return out
+
+
+def hf_state(model: Decoder, dtype=np.float32) -> dict[str, np.ndarray]:
+  """HF tensor name -> array ([out, in] linear weights) of a Decoder."""
+  params = merged_params(model)
+  names = hf_weights.hf_names(model.config)
+  missing = sorted(set(names) - set(params))
+  if missing:
+    raise ValueError(f"model has no parameter {missing[0]} needed for export")
+  state = {}
+  for ours, (hf_name, transpose) in names.items():
+    array = params[ours]
+    state[hf_name] = np.asarray(array.T if transpose else array).astype(dtype)
+  return state
+
+
+def config_to_hf(config: DecoderConfig, dtype=np.float32) -> dict[str, Any]:
+  hf = (llama.config_to_hf if config.family == "llama" else gemma.config_to_hf)(config)
+  eos = list(config.eos_ids)
+  hf.update({"bos_token_id": config.bos_id, "pad_token_id": config.pad_id,
+             "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+             "torch_dtype": "bfloat16" if np.dtype(dtype) == ml_dtypes.bfloat16 else "float32"})
+  return hf
+
+
+def export_decoder(model: Decoder, out_dir: str | os.PathLike, *, dtype="float32",
+                   tokenizer_dir: str | os.PathLike | None = None) -> Path:
+  """Writes `model` (LoRA merged) as an HF directory; returns its path.
+
+  Args:
+    model: the Decoder (sharded or not; gathered to the host here).
+    out_dir: destination; replaced atomically if it exists.
+    dtype: 'float32' or 'bfloat16' for the saved tensors.
+    tokenizer_dir: optional HF directory whose tokenizer files are copied along.
+  """
+  np_dtype = np.dtype(ml_dtypes.bfloat16) if str(dtype) == "bfloat16" else np.dtype(dtype)
+  if np_dtype not in _NP_TO_ST:
+    raise ValueError(f"export dtype={dtype!r}: use 'float32', 'float16' or 'bfloat16'")
+  state = hf_state(model, np_dtype)  # every process joins the gathers
+  out_dir = Path(out_dir).expanduser()
+  if jax.process_index() != 0:
+    return out_dir
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+  try:
+    write_safetensors(tmp / hf_weights.SINGLE_FILE, state)
+    (tmp / hf_weights.CONFIG_FILE).write_text(
+        json.dumps(config_to_hf(model.config, np_dtype), indent=2))
+    c = model.config
+    gen = {"bos_token_id": c.bos_id, "pad_token_id": c.pad_id,
+           "eos_token_id": list(c.eos_ids) if len(c.eos_ids) != 1 else c.eos_ids[0]}
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    if tokenizer_dir is not None:
+      for name in _TOKENIZER_FILES:
+        src = Path(tokenizer_dir) / name
+        if src.is_file():
+          shutil.copy2(src, tmp / name)
+    if out_dir.exists():
+      old = out_dir.with_name(f".{out_dir.name}.old")
+      shutil.rmtree(old, ignore_errors=True)
+      os.replace(out_dir, old)
+      os.replace(tmp, out_dir)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out_dir

@@ -1,0 +1,118 @@
+"""The ahead-of-time memory plan (`langptune-jax plan`) on 8 emulated CPU devices."""
+
+import json
+import pathlib
+import sys
+import types
+
+import jax
+import pytest
+
+from langptune_jax import flops, parallel
+from langptune_jax import plan as plan_lib
+from langptune_jax.models import presets
+
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+sys.path.insert(0, str(CONFIGS))
+
+
+def tiny_config(**mesh):
+  import tiny  # pylint: disable=g-import-not-at-top
+  c = tiny.get_config()
+  c.encoder.preset = "tiny-llama"
+  c.decoder.preset = "tiny-bert"
+  for axis, size in mesh.items():
+    setattr(c.mesh, axis, size)
+  return c
+
+
+def paper_config():
+  import base  # pylint: disable=g-import-not-at-top
+  c = base.get_config()
+  c.encoder.preset = "gemma-2b-it"
+  c.decoder.preset = "mxbai-embed-large-v1"
+  return c
+
+
+def _mesh(n, **axes):
+  sizes = dict(data=1, fsdp=1, tensor=1)
+  sizes.update(axes)
+  return parallel.make_mesh(types.SimpleNamespace(**sizes), devices=jax.devices()[:n])
+
+
+def test_plan_command_report_for_tiny_config(tmp_path, capsys):
+  config = tiny_config(data=2, fsdp=2, tensor=2)
+  assert plan_lib.run(config, tmp_path) == 0
+  printed = capsys.readouterr().out
+  report = json.loads((tmp_path / "plan.json").read_text())
+  assert (tmp_path / "plan.txt").read_text().strip() == printed.strip()
+
+  assert report["num_devices"] == 8 and report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+  names = [s["name"] for s in report["steps"]]
+  assert names == ["sample", "rlso/logprobs", "rlso/update", "cl/update", "embed"]
+  for step in report["steps"]:
+    assert step["error"] is None, step
+    assert step["temporaries"] > 0, step  # XLA's memory analysis was read
+    assert step["total"] > report["resident_bytes"], step
+  kv = {s["name"]: s["kv_cache"] for s in report["steps"]}
+  assert kv["sample"] > 0 and kv["rlso/update"] == 0
+  resident = report["resident"]
+  assert resident["encoder params (frozen)"] > 0
+  assert resident["encoder params (trainable: lora)"] > 0
+  assert resident["encoder optimizer (AdamW)"] > 0 and resident["decoder optimizer (AdamW)"] > 0
+  assert report["peak_bytes"] == max(s["total"] for s in report["steps"])
+  assert all(report["fits"].values())  # a tiny model fits everywhere
+  for chip in ("v4 (32 GiB", "v5e (16 GiB", "v5p (95 GiB", "H100 (80 GiB", "H200 (141 GiB"):
+    assert f"fits on {chip}" in printed
+  assert "rlso/update" in printed and "temporaries" in printed
+
+
+def test_more_devices_lower_per_device_state():
+  config = tiny_config()
+  small = plan_lib.plan_config(config, _mesh(2, fsdp=2), compile_steps=False)
+  large = plan_lib.plan_config(config, _mesh(8, fsdp=4, tensor=2), compile_steps=False)
+  for key in ("encoder params (frozen)", "decoder params (trainable)",
+              "decoder optimizer (AdamW)"):
+    assert 0 < large.resident[key] < small.resident[key], key
+  # The KV cache shrinks with data parallelism and kv-head sharding.
+  assert 0 < large.steps[0].kv_cache < small.steps[0].kv_cache
+  assert "analytic only" in large.format()
+
+
+def test_state_bytes_match_the_real_model():
+  """Per-device bytes from shapes alone equal those of materialised, sharded arrays."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from langptune_jax.models import transformer  # pylint: disable=g-import-not-at-top
+  mesh = _mesh(8, data=2, fsdp=2, tensor=2)
+  abstract = plan_lib.encoder_model(tiny_config(), mesh)
+  model = transformer.Decoder(abstract.config, rngs=nnx.Rngs(0))
+  real = nnx.state(parallel.shard_module(model, mesh))
+  real_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(real))
+  frozen, _, _ = plan_lib._split_state_bytes(abstract)  # pylint: disable=protected-access
+  assert frozen == real_bytes
+
+
+def test_paper_config_does_not_fit_a_small_chip():
+  """gemma-2b + LoRA r=1024 + mxbai on one device: too big for v5e, fine on H200."""
+  p = plan_lib.plan_config(paper_config(), _mesh(1), compile_steps=False)
+  assert not p.fits(flops.chip("v5e"))
+  assert p.fits(flops.chip("h200"))
+  text = p.format()
+  assert "does NOT fit on v5e (16 GiB" in text and "fits on H200 (141 GiB" in text
+  # 2.5B frozen gemma parameters in float32 (~9.3 GiB).
+  assert 9 * plan_lib.GiB < p.resident["encoder params (frozen)"] < 10 * plan_lib.GiB
+  # AdamW keeps two float32 moments per trainable parameter.
+  trainable = p.resident["encoder params (trainable: lora)"]
+  assert p.resident["encoder optimizer (AdamW)"] == pytest.approx(2 * trainable, rel=1e-3)
+
+
+def test_model_dimensions_from_presets_and_paths(minilm_dir):
+  assert presets.decoder_config("gemma-2b").num_layers == 18
+  assert presets.decoder_config("", "/models/Meta-Llama-3-8B-Instruct-hf".replace(
+      "Meta-", "")).num_kv_heads == 8
+  assert presets.bert_config("", str(minilm_dir)).hidden_size == 384  # read from config.json
+  with pytest.raises(ValueError, match="encoder.preset='gpt5': unknown"):
+    presets.decoder_config("gpt5")
+  with pytest.raises(ValueError, match="decoder.preset is empty and decoder.path=''"):
+    presets.bert_config("", "")

@@ -1,0 +1,168 @@
+"""Weight I/O: HF directory reading, error messages, export round-trip with LoRA."""
+
+import json
+import shutil
+
+import ml_dtypes
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import jax.numpy as jnp
+from flax import nnx
+
+from langptune_jax.models import transformer as tr
+from langptune_jax.weights import export
+from langptune_jax.weights import hf as hf_weights
+
+VOCAB = 96
+
+
+def _save(model, path):
+  model.save_pretrained(path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(
+      vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+      initializer_range=0.2)
+  return _save(transformers.LlamaForCausalLM(config), tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="module")
+def gemma2_dir(tmp_path_factory):
+  torch.manual_seed(1)
+  config = transformers.Gemma2Config(
+      vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+      initializer_range=0.2)
+  return _save(transformers.Gemma2ForCausalLM(config), tmp_path_factory.mktemp("gemma2"))
+
+
+def _tokens(length=12):
+  return np.random.RandomState(0).randint(0, VOCAB, (2, length)).astype(np.int32)
+
+
+def _ours(model, tokens):
+  valid = jnp.ones(tokens.shape, bool)
+  return np.asarray(model(jnp.asarray(tokens), tr.positions_from_mask(valid),
+                          tr.causal_mask(valid))[0])
+
+
+def _theirs(path, tokens):
+  model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                             attn_implementation="eager").eval()
+  with torch.no_grad():
+    return model(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+
+
+def test_read_helpers(llama_dir):
+  config = hf_weights.read_config(llama_dir)
+  assert config["model_type"] == "llama"
+  state = hf_weights.load_state(llama_dir)
+  assert state["model.layers.0.self_attn.q_proj.weight"].shape == (32, 32)
+  assert state["lm_head.weight"].shape == (VOCAB, 32)
+  names = [n for n, _ in hf_weights.iter_tensors(llama_dir)]
+  assert sorted(names) == sorted(state)
+
+
+def test_sharded_index_and_bf16(llama_dir, tmp_path):
+  """A two-shard bfloat16 checkpoint with an index loads to the same weights."""
+  state = hf_weights.load_state(llama_dir)
+  names = sorted(state)
+  half = len(names) // 2
+  shards = {"model-00001-of-00002.safetensors": names[:half],
+            "model-00002-of-00002.safetensors": names[half:]}
+  weight_map = {}
+  for file, part in shards.items():
+    export.write_safetensors(tmp_path / file,
+                             {n: state[n].astype(ml_dtypes.bfloat16) for n in part})
+    weight_map.update({n: file for n in part})
+  (tmp_path / hf_weights.INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
+  shutil.copy(llama_dir / "config.json", tmp_path / "config.json")
+  model, config = hf_weights.load_decoder(tmp_path, param_dtype="bfloat16")
+  assert config.weight_dtype == jnp.bfloat16
+  kernel = model.layers[1].mlp.down_proj.kernel[...]
+  assert kernel.dtype == jnp.bfloat16
+  expected = state["model.layers.1.mlp.down_proj.weight"].T.astype(ml_dtypes.bfloat16)
+  np.testing.assert_array_equal(np.asarray(kernel), expected)
+
+
+def test_missing_config(tmp_path):
+  with pytest.raises(ValueError, match="missing config.json"):
+    hf_weights.load_decoder(tmp_path)
+
+
+def test_missing_directory(tmp_path):
+  with pytest.raises(ValueError, match="not a directory"):
+    hf_weights.load_decoder(tmp_path / "nope")
+
+
+def test_missing_weights(llama_dir, tmp_path):
+  shutil.copy(llama_dir / "config.json", tmp_path / "config.json")
+  with pytest.raises(ValueError, match="no model.safetensors"):
+    hf_weights.load_decoder(tmp_path)
+
+
+def test_unsupported_architecture(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps(
+      {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+  with pytest.raises(ValueError, match=r"unsupported model_type='gpt2'.*GPT2LMHeadModel"):
+    hf_weights.load_decoder(tmp_path)
+
+
+def test_shape_mismatch(llama_dir, tmp_path):
+  shutil.copy(llama_dir / "model.safetensors", tmp_path / "model.safetensors")
+  config = json.loads((llama_dir / "config.json").read_text())
+  config["intermediate_size"] = 48
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match=r"layers/0/mlp/\w+_proj/kernel has shape"):
+    hf_weights.load_decoder(tmp_path)
+
+
+def test_missing_tensor(llama_dir, tmp_path):
+  state = hf_weights.load_state(llama_dir)
+  del state["model.layers.1.mlp.up_proj.weight"]
+  export.write_safetensors(tmp_path / "model.safetensors", state)
+  shutil.copy(llama_dir / "config.json", tmp_path / "config.json")
+  with pytest.raises(ValueError, match="no tensor for parameter layers/1/mlp/up_proj/kernel"):
+    hf_weights.load_decoder(tmp_path)
+
+
+def test_missing_gguf(tmp_path):
+  with pytest.raises(ValueError, match="GGUF file not found"):
+    hf_weights.load_decoder(tmp_path / "model.gguf")
+
+
+@pytest.mark.parametrize("fixture", ["llama_dir", "gemma2_dir"])
+def test_export_round_trip_with_lora(request, tmp_path, fixture):
+  source = request.getfixturevalue(fixture)
+  model, config = hf_weights.load_decoder(source)
+  tokens = _tokens()
+  base = _ours(model, tokens)
+  rngs = nnx.Rngs(7)
+  for block in model.layers:
+    for lin in (block.attn.q_proj, block.attn.v_proj, block.mlp.down_proj):
+      lin.add_lora(rank=2, alpha=4.0, rngs=rngs)
+      b = lin.lora.lora_b
+      b.set_value(0.3 * jnp.asarray(np.random.RandomState(1).randn(*b.get_value().shape),
+                                    jnp.float32))
+  adapted = _ours(model, tokens)
+  assert np.abs(adapted - base).max() > 1e-2  # the adapters matter
+  out = export.export_decoder(model, tmp_path / "exported", tokenizer_dir=None)
+  assert sorted(p.name for p in out.iterdir()) == ["config.json", "generation_config.json",
+                                                   "model.safetensors"]
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
+  np.testing.assert_allclose(_theirs(out, tokens), adapted, atol=1e-4, rtol=0)
+  # And our loader reads our export back to the same logits.
+  again, config2 = hf_weights.load_decoder(out)
+  assert config2.layer_types == config.layer_types
+  np.testing.assert_allclose(_ours(again, tokens), adapted, atol=1e-5, rtol=0)
+  # Exporting over an existing directory replaces it.
+  export.export_decoder(again, out)
+  np.testing.assert_allclose(_ours(hf_weights.load_decoder(out)[0], tokens), adapted, atol=1e-5)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Launches one command on every worker at once, in the background, with a shared work dir.
+#
+#   WORKDIR=gs://my-bucket/runs/gemma_2b_movies_tv \
+#     ./tpu_scripts/launch.sh configs/gemma_2b_movies_tv.py --config.mesh.fsdp=16
+#
+# COMMAND (default: train) is the langptune-jax command. Every worker joins the
+# same jax.distributed cluster (the TPU runtime tells JAX who the coordinator
+# is), so metrics, checkpoints and the plan land once in WORKDIR (a gs:// path
+# or a disk every worker mounts). Each worker logs to ~/${LOG_DIR}/<run>.log;
+# stream them with logs.sh.
+source "$(dirname "$0")/common.sh"
+
+if [[ $# -lt 1 ]]; then
+  echo "usage: WORKDIR=gs://... $0 CONFIG.py [--config.field=value ...]" >&2
+  exit 2
+fi
+config="$1"; shift
+: "${COMMAND:=train}"
+if [[ -z "${WORKDIR}" ]]; then
+  echo "error: WORKDIR is empty: set it to a gs:// path (or a shared mount) all workers can reach" >&2
+  exit 2
+fi
+run="$(basename "${config}" .py)-$(date +%Y%m%d-%H%M%S)"
+args="$(printf ' %q' "$@")"
+
+# Kill what a previous launch left running (it would hold the TPU), then start.
+on_all_workers "pkill -f '[l]angptune-jax ${COMMAND}' || true; mkdir -p ~/${LOG_DIR}; \
+  cd ~/${REMOTE_DIR} && nohup env PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1 \
+  .venv/bin/langptune-jax ${COMMAND} --config=${config} --workdir=${WORKDIR} \
+  --config.distributed.initialize=True${args} > ~/${LOG_DIR}/${run}.log 2>&1 < /dev/null &
+  ln -sf ~/${LOG_DIR}/${run}.log ~/${LOG_DIR}/latest.log; echo \"\$(hostname): started ${run}\""
+echo "logs: ./tpu_scripts/logs.sh   (all workers: WORKER=all ./tpu_scripts/logs.sh)"

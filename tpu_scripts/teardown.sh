@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Stops the run and deletes the slice (and its queued resource). The work dir
+# (gs://...) is kept: checkpoints, metrics and the exported model stay there.
+source "$(dirname "$0")/common.sh"
+"${GCLOUD_TPU[@]}" ssh "${TPU_NAME}" --worker=all --command="pkill -f '[l]angptune-jax' || true" \
+  || true  # the slice may already be gone
+if [[ "${QUEUED}" == 1 ]]; then
+  gcloud compute tpus queued-resources delete "${TPU_NAME}-qr" --project="${PROJECT}" \
+    --zone="${ZONE}" --force --quiet
+else
+  "${GCLOUD_TPU[@]}" delete "${TPU_NAME}" --quiet
+fi
