@@ -1,7 +1,10 @@
 """Throughput and peak memory of `prepare` on synthetic Amazon Reviews 2023 files.
 
 Generates reviews/meta JSONL in the release schema (250k and 1M reviews by
-default; sparse users and Zipf item popularity, as in the real categories),
+default): a fixed active community (150k reviews, 12 per user, Zipf item
+popularity) that survives the k-core, plus a cold tail of two-review users on
+a large catalogue that grows with the file, as in the real categories, so the
+output stays about the same size while the input grows;
 then runs the whole pipeline once per size in a fresh subprocess and reports
 reviews/s (pipeline time, tokenizer loading excluded and shown apart) and the
 subprocess's peak RSS. Writes a table to bench/results/prepare.md.
@@ -22,6 +25,8 @@ import time
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
+CORE_REVIEWS = 150_000  # reviews by the active community (k-core survivors)
+CORE_ITEMS = 3_000
 WORDS = ("great movie story acting plot film watch loved boring classic season show "
          "characters ending family funny scary music director series episode quality "
          "recommend price disc picture sound").split()
@@ -35,13 +40,19 @@ def generate(folder: pathlib.Path, num_reviews: int, seed: int = 0) -> tuple[str
   if reviews.exists() and meta.exists():
     return str(reviews), str(meta)
   rng = np.random.default_rng(seed)
-  num_items = max(num_reviews // 20, 100)
-  # Most users write one or two reviews; a minority is active (as in the release).
-  activity = np.where(rng.random(num_reviews) < 0.9, rng.integers(1, 3, num_reviews),
-                      rng.geometric(0.15, num_reviews))
-  owners = np.repeat(np.arange(num_reviews), activity)[:num_reviews]
-  items = np.minimum(rng.zipf(1.2, num_reviews) - 1, num_items - 1)
-  items = (items * 7919) % num_items  # spread popular ids over the catalogue
+  # A fixed active community (what survives the k-core, as in the real release)
+  # plus a cold tail that grows with the file: one-off users on a large catalogue.
+  core_reviews = min(CORE_REVIEWS, num_reviews)
+  core_users = np.arange(core_reviews) // 12
+  core_items = (np.minimum(rng.zipf(1.2, core_reviews) - 1, CORE_ITEMS - 1) * 7919) % CORE_ITEMS
+  tail = num_reviews - core_reviews
+  tail_users = core_users.max() + 1 + np.arange(tail) // 2  # two reviews each
+  tail_items = CORE_ITEMS + rng.integers(0, max(tail // 20, 1), tail)  # ~20 reviews/item
+  owners = np.concatenate([core_users, tail_users])
+  items = np.concatenate([core_items, tail_items])
+  num_items = int(items.max()) + 1
+  order = rng.permutation(num_reviews)  # interleave the two populations in the file
+  owners, items = owners[order], items[order]
   ts = 1_500_000_000_000 + rng.integers(0, 200_000_000_000, num_reviews)
   text_len = rng.integers(10, 60, num_reviews)
   words = np.array(WORDS)
@@ -122,15 +133,16 @@ def main() -> None:
       sys.exit(f"run with {size} reviews failed:\n{proc.stderr[-3000:]}")
     results.append(json.loads(line[0][7:]))
     print(results[-1], flush=True)
-  header = ("| reviews | pipeline s | reviews/s | read+k-core s | tokenize s | write s | "
+  header = ("| reviews | pipeline s | reviews/s | read+k-core s | read+k-core reviews/s | "
+            "tokenize s | write s | "
             "peak RSS MB | RSS after tokenizers MB | tokenizer load s | users train/val/test | "
             "items |")
-  rows = [header, "|" + "---|" * 11]
+  rows = [header, "|" + "---|" * 12]
   for r in results:
     u = r["users"]
     st = r["stages"]
     rows.append(f"| {r['reviews']:,} | {r['seconds']:.1f} | {r['reviews_per_s']:,.0f} | "
-                f"{st['read_and_kcore']:.1f} | "
+                f"{st['read_and_kcore']:.1f} | {r['reviews'] / st['read_and_kcore']:,.0f} | "
                 f"{st['tokenize_items'] + st['tokenize_prompts']:.1f} | {st['write']:.1f} | "
                 f"{r['peak_rss_mb']:.0f} | {r['rss_after_tokenizers_mb']:.0f} | "
                 f"{r['tokenizer_seconds']:.1f} | {u['train']}/{u['val']}/{u['test']} | "
@@ -141,7 +153,8 @@ def main() -> None:
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(
       "# prepare throughput (synthetic Amazon Reviews 2023 files)\n\n"
-      f"Machine: {os.cpu_count()} CPU cores (shared). Pipeline time covers both passes over "
+      f"Machine: {os.cpu_count()} CPU cores, shared (1-min load average at the end: "
+      f"{os.getloadavg()[0]:.1f}). Pipeline time covers both passes over "
       "the files, k-core, length filters (fast batch tokenization), splits and the TFDS "
       "array_record write; tokenizer loading is shown apart. Peak RSS is the subprocess's "
       "maximum resident set size, including the libraries (transformers, torch via the "

@@ -166,6 +166,36 @@ def sample_flops(config, batch: int, prompt_len: int, new_tokens: int, *,
   return prefill + decode
 
 
+# --- the project's steps (model FLOPs per call, for tokens/s and MFU) -------
+
+
+def rlso_pass_flops(config, rows: int, prompt_len: int, response_len: int, *,
+                    lora_rank: int = 0, trainable_params: int | None = None) -> float:
+  """One RLSO pass: forward + backward of `rows` prompt+response sequences."""
+  seq = prompt_len + response_len
+  return rows * seq * train_flops_per_token(config, seq, lora_rank=lora_rank,
+                                            trainable_params=trainable_params)
+
+
+def logprobs_flops(config, rows: int, seq_len: int, *, lora_rank: int = 0,
+                   with_reference: bool = True) -> float:
+  """Scoring a rollout batch: the policy forward, plus the reference forward."""
+  one = rows * seq_len * forward_flops_per_token(config, seq_len, lora_rank=lora_rank)
+  return one * (2 if with_reference else 1)
+
+
+def cl_step_flops(config, rows: int, seq_len: int, *,
+                  trainable_params: int | None = None) -> float:
+  """One CL update: profiles and target items, forward + backward each."""
+  return 2 * rows * seq_len * train_flops_per_token(config, seq_len,
+                                                    trainable_params=trainable_params)
+
+
+def embed_flops(config, rows: int, seq_len: int) -> float:
+  """Embedding `rows` texts of `seq_len` tokens (catalogue, profiles for rewards)."""
+  return rows * seq_len * forward_flops_per_token(config, seq_len)
+
+
 # --- chips -----------------------------------------------------------------
 
 

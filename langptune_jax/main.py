@@ -85,17 +85,24 @@ COMMANDS: dict[str, Command] = {
     "info": Command("langptune_jax.main:info_command",
                     "print the validated config, the devices and the mesh"),
     "demo": Command("langptune_jax.main:demo_command",
-                    "run every available stage in order: assets, info, then "
-                    "prepare, train, evaluate, plan"),
+                    "the whole job on the built-in demo: assets, info, prepare, then train "
+                    "(zero-shot evaluation, training, final evaluation, results.md)"),
     "prepare": Command("langptune_jax.data.prepare:run",
                        "raw Amazon Reviews 2023 / MovieLens files -> tokenized TFDS dataset",
                        require_data=True),
+    "train": Command("langptune_jax.train.commands:train",
+                     "alternate CL (decoder) and RL (encoder) phases; evaluate; write results.md,"
+                     " plots and checkpoints (resumes from the work dir)", require_data=True),
+    "evaluate": Command("langptune_jax.train.commands:evaluate",
+                        "score the latest checkpoint (profiles + baselines) on eval.split"),
+    "export": Command("langptune_jax.train.commands:export",
+                      "write the trained encoder (LoRA merged) and decoder as HF directories"),
     "plan": Command("langptune_jax.plan:run",
                     "per-device memory of every jitted step, compiled ahead of time from "
                     "shapes alone, and which chips it fits"),
 }
 # Stages `demo` runs after `assets` and `info`, when they exist.
-DEMO_STAGES = ("prepare", "train", "evaluate", "plan")
+DEMO_STAGES = ("prepare", "train")
 
 
 def available_commands() -> dict[str, Command]:
@@ -280,7 +287,7 @@ def info_command(config, workdir) -> int:
 
 
 def demo_command(config, workdir) -> int:
-  """Runs the stages that exist, in order: assets, info, prepare, train, evaluate, plan."""
+  """Runs the stages in order: assets, info, prepare, train."""
   stages = ["assets", "info"] + [s for s in DEMO_STAGES if s in available_commands()]
   print(f"demo stages: {', '.join(stages)}")
   for stage in stages:

@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import pathlib
+import sys
 import tempfile
 from typing import Any, Callable
 
@@ -320,7 +321,8 @@ def _replicated(mesh, shape, dtype) -> jax.ShapeDtypeStruct:
   return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, PartitionSpec()))
 
 
-def _compile(step: StepPlan, lower: Callable[[], Any], state_bytes: int, enabled: bool = True):
+def _compile(step: StepPlan, lower: Callable[[], Any], state_bytes: int, enabled: bool = True,
+             log: Callable[[str], Any] = logging.info):
   """Compiles `lower()`; fills temporaries and i/o of `step`; returns the compiled object.
 
   Before compiling, `step.io` holds an analytic estimate (the batch); XLA's
@@ -329,6 +331,7 @@ def _compile(step: StepPlan, lower: Callable[[], Any], state_bytes: int, enabled
   import time  # pylint: disable=g-import-not-at-top
   if not enabled:
     return None
+  log(f"plan: compiling {step.name} ({step.shape})")
   start = time.perf_counter()
   try:
     compiled = lower().compile()
@@ -337,6 +340,7 @@ def _compile(step: StepPlan, lower: Callable[[], Any], state_bytes: int, enabled
     step.error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
     return None
   step.compile_s = time.perf_counter() - start
+  log(f"plan: {step.name} compiled in {step.compile_s:.1f}s")
   analysis = compiled.memory_analysis()
   if analysis is None:
     step.temporaries = None
@@ -382,6 +386,9 @@ def plan_config(config, mesh=None, *, compile_steps: bool = True,
       "decoder optimizer (AdamW)": dec_opt,
   }
   notes = [] if compile_steps else ["analytic only (no compilation): temporaries not counted"]
+  if compile_steps and jax.default_backend() == "cpu":
+    notes.append("temporaries come from XLA's CPU compiler, which widens bfloat16 math to "
+                 "float32 and schedules differently: an upper estimate for TPU/GPU")
   if config.encoder.training != "lora":
     resident["reference copy (frozen)"] = enc_train  # the trainable part, snapshotted
   if (config.encoder.training == "lora" and "lm_head" in tuple(config.lora.targets)
@@ -425,13 +432,12 @@ def plan_config(config, mesh=None, *, compile_steps: bool = True,
                          _batch(mesh, rules, (rows, n_new), jnp.float32)))
   _compile(rollout, lambda: jax.jit(sample_fn, in_shardings=(
       enc.model_shardings, tokens.sharding, mask.sharding, key.sharding)).lower(
-          enc.model_state, tokens, mask, key), model_bytes_enc, compile_steps)
+          enc.model_state, tokens, mask, key), model_bytes_enc, compile_steps, log)
   # XLA's analysis counts the cache among the temporaries; keep the columns apart.
   if rollout.temporaries is not None and rollout.temporaries >= kv:
     rollout.temporaries -= kv
     rollout.io += kv
   steps.append(rollout)
-  log(f"plan: {rollout.name} done")
 
   # 2. Log-probabilities of the rollout under the policy and the reference.
   settings = rlso.RLSOSettings.from_config(config.rl)
@@ -447,9 +453,8 @@ def plan_config(config, mesh=None, *, compile_steps: bool = True,
   logps = StepPlan("rlso/logprobs", f"{rows} x ({p_len} + {n_new})", io=_struct_bytes(seq))
   _compile(logps, lambda: rlso.make_policy_logprobs(enc.train_state, mesh, settings,
                                                     rules).lower(enc.state, reference, seq),
-           state_bytes_enc + ref_bytes, compile_steps)
+           state_bytes_enc + ref_bytes, compile_steps, log)
   steps.append(logps)
-  log(f"plan: {logps.name} done")
 
   # 3. One RLSO pass (an optimizer step over the rollout batch).
   batch = {k: seq[k] if k in seq else _batch(mesh, rules, (rows,), jnp.float32)
@@ -458,14 +463,15 @@ def plan_config(config, mesh=None, *, compile_steps: bool = True,
   update = StepPlan("rlso/update", f"{rows} x ({p_len} + {n_new})"
                     + (f", micro {micro * g}" if micro else ""), io=_struct_bytes(batch))
   _compile(update, lambda: rlso.make_rlso_pass(enc.train_state, mesh, settings, rules).lower(
-      enc.state, batch), state_bytes_enc, compile_steps)
+      enc.state, batch), state_bytes_enc, compile_steps, log)
   steps.append(update)
-  log(f"plan: {update.name} done")
 
   # 4. One CL update on the decoder.
   cl_rows = -(-int(config.cl.batch_size) // dp) * dp
-  cl_batch = {k: _batch(mesh, rules, (cl_rows, d_len), jnp.bool_ if k.endswith("mask")
-                        else jnp.int32) for k in contrastive.BATCH_KEYS}
+  # [rows, length] tokens and masks; [rows] ids (e.g. which item each row targets).
+  cl_batch = {k: _batch(mesh, rules, (cl_rows,) if k.endswith("_ids") else (cl_rows, d_len),
+                        jnp.bool_ if k.endswith("mask") else jnp.int32)
+              for k in contrastive.BATCH_KEYS}
   cl_micro = int(config.cl.micro_batch_size)
   cl = StepPlan("cl/update", f"{cl_rows} x 2 x {d_len}" + (f", micro {cl_micro}" if cl_micro
                                                             else ""),
@@ -473,9 +479,8 @@ def plan_config(config, mesh=None, *, compile_steps: bool = True,
   _compile(cl, lambda: contrastive.make_cl_step(
       dec.train_state, mesh, temperature=float(config.cl.temperature),
       micro_batch_size=cl_micro, rules=rules).lower(dec.state, cl_batch), state_bytes_dec,
-           compile_steps)
+           compile_steps, log)
   steps.append(cl)
-  log(f"plan: {cl.name} done")
 
   # 5. Embedding the catalogue (one batch of items).
   e_rows = -(-int(config.decoder.embed_batch_size) // dp) * dp
@@ -491,9 +496,8 @@ def plan_config(config, mesh=None, *, compile_steps: bool = True,
   dec_model_bytes = tree_bytes(dec.model_state, dec.model_shardings)
   _compile(embed, lambda: jax.jit(embed_fn, in_shardings=(
       dec.model_shardings, e_tokens.sharding, e_mask.sharding)).lower(
-          dec.model_state, e_tokens, e_mask), dec_model_bytes, compile_steps)
+          dec.model_state, e_tokens, e_mask), dec_model_bytes, compile_steps, log)
   steps.append(embed)
-  log(f"plan: {embed.name} done")
 
   models = [
       f"encoder: {ecfg.family} {ecfg.num_layers} layers, d={ecfg.embed_dim}, "
@@ -522,7 +526,7 @@ def run(config, workdir) -> int:
 
   Returns 0 when every step compiled, 1 when some step failed to compile.
   """
-  plan = plan_config(config, log=logging.info)
+  plan = plan_config(config, log=lambda line: print(line, file=sys.stderr, flush=True))
   text = plan.format()
   print(text)
   if workdir:

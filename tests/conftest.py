@@ -1,6 +1,7 @@
 """Test setup: 8 emulated CPU devices (set before jax is imported) and asset fixtures."""
 
 import os
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
@@ -13,6 +14,13 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Several tests build identical jitted steps (e.g. a run and its resumed copy):
+# a persistent compilation cache lets them share compiled executables.
+jax.config.update("jax_compilation_cache_dir",
+                  os.environ.get("LANGPTUNE_TEST_XLA_CACHE",
+                                 os.path.join(tempfile.gettempdir(), "langptune_jax_xla_cache")))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def _asset(name):

@@ -61,7 +61,9 @@ def _iteration(mesh, local_rows):
   cl_data = {"profile_tokens": rng.integers(1, bcfg.vocab_size, (CL_ROWS, length), np.int32),
              "item_tokens": rng.integers(1, bcfg.vocab_size, (CL_ROWS, length), np.int32),
              "profile_mask": np.arange(length)[None] < rng.integers(3, length, (CL_ROWS, 1)),
-             "item_mask": np.arange(length)[None] < rng.integers(3, length, (CL_ROWS, 1))}
+             "item_mask": np.arange(length)[None] < rng.integers(3, length, (CL_ROWS, 1)),
+             "item_ids": rng.permutation(100)[:CL_ROWS].astype(np.int32)}
+  cl_data = {k: cl_data[k] for k in contrastive.BATCH_KEYS}
   cl_step = contrastive.make_cl_step(cl_state, mesh, temperature=0.1)
   cl_state.state, cl_metrics = cl_step(cl_state.state, batch(cl_data))
 

@@ -56,6 +56,18 @@ def test_decode_and_sample_flops():
   assert total == pytest.approx(prefill + decode)
 
 
+def test_step_flops():
+  t = 24
+  assert flops.rlso_pass_flops(LLAMA, 4, 16, 8, lora_rank=8) == pytest.approx(
+      4 * t * flops.train_flops_per_token(LLAMA, t, lora_rank=8))
+  assert flops.logprobs_flops(LLAMA, 4, t) == pytest.approx(
+      2 * flops.logprobs_flops(LLAMA, 4, t, with_reference=False))
+  assert flops.cl_step_flops(BERT, 8, 32) == pytest.approx(
+      2 * 8 * 32 * 3 * flops.forward_flops_per_token(BERT, 32))
+  assert flops.embed_flops(BERT, 8, 32) == pytest.approx(
+      8 * 32 * flops.forward_flops_per_token(BERT, 32))
+
+
 def test_forward_flops_match_xla_cost_analysis():
   """The analytic matmul count agrees with XLA's count of a real decoder forward."""
   from flax import nnx

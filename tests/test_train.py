@@ -92,7 +92,8 @@ def test_infonce_lowers_loss_and_raises_recall(tmp_path):
     index = rng.permutation(len(users))[:16]
     batch = {"profile_tokens": profile_tokens[index], "profile_mask": profile_mask[index],
              "item_tokens": data.item_tokens[users.target[index]],
-             "item_mask": data.item_mask[users.target[index]]}
+             "item_mask": data.item_mask[users.target[index]],
+             "item_ids": users.target[index]}
     trainer.decoder_state.state, metrics = trainer.cl_step(
         trainer.decoder_state.state, parallel.global_batch(batch, trainer.mesh))
     losses_seen.append(float(metrics["loss"]))
@@ -112,7 +113,8 @@ def test_gradient_cache_equals_full_batch_gradient(tmp_path):
     batch = {"profile_tokens": data.item_tokens[users.history[index, 0]],
              "profile_mask": data.item_mask[users.history[index, 0]],
              "item_tokens": data.item_tokens[users.target[index]],
-             "item_mask": data.item_mask[users.target[index]]}
+             "item_mask": data.item_mask[users.target[index]],
+             "item_ids": users.target[index]}
     trainer.decoder_state.state, metrics = trainer.cl_step(
         trainer.decoder_state.state, parallel.global_batch(batch, trainer.mesh))
     results.append((float(metrics["loss"]), trainable_params(trainer)["decoder"]))
@@ -127,16 +129,22 @@ RUN_OVERRIDES = dict(rl__lr=3e-3, cl__lr=3e-3, rl__num_lm_updates=3, cl__num_emb
 
 def test_resume_continues_exactly(tmp_path):
   straight = make_trainer(planted_config(checkpoint__enabled=True, checkpoint__every_steps=0,
-                                         **RUN_OVERRIDES), tmp_path / "straight")
+                                         **RUN_OVERRIDES), tmp_path / "straight", num_devices=1)
   straight_history = straight.run()
   straight.close()
   cfg = planted_config(checkpoint__enabled=True, checkpoint__every_steps=0,
                        train__stop_after_steps=4, **RUN_OVERRIDES)  # 3 CL + 1 RL, then stop
-  first = make_trainer(cfg, tmp_path / "resumed")
+  first = make_trainer(cfg, tmp_path / "resumed", num_devices=1)
   first.run()
   assert not first.finished and first.position == {"iteration": 0, "phase": "rl", "step": 1}
+  stopped_params = trainable_params(first)
   first.close()
-  second = make_trainer(cfg, tmp_path / "resumed")
+  # The checkpoint restores onto another device count (8 devices, sharded).
+  on_eight = make_trainer(cfg, tmp_path / "resumed", num_devices=8)
+  assert on_eight.restore() and on_eight.position == first.position
+  jax.tree.map(np.testing.assert_array_equal, stopped_params, trainable_params(on_eight))
+  on_eight.close()
+  second = make_trainer(cfg, tmp_path / "resumed", num_devices=1)
   resumed_history = second.run()
   assert second.finished
   jax.tree.map(np.testing.assert_array_equal, trainable_params(straight),
@@ -184,7 +192,8 @@ def test_sharded_updates_equal_single_device(tmp_path):
     batch = {"profile_tokens": data.item_tokens[users.history[:8, 0]],
              "profile_mask": data.item_mask[users.history[:8, 0]],
              "item_tokens": data.item_tokens[users.target[:8]],
-             "item_mask": data.item_mask[users.target[:8]]}
+             "item_mask": data.item_mask[users.target[:8]],
+             "item_ids": users.target[:8]}
     trainer.decoder_state.state, c = trainer.cl_step(trainer.decoder_state.state,
                                                      parallel.global_batch(batch, trainer.mesh))
     outs.append((m["loss"], float(c["loss"]), trainable_params(trainer)))

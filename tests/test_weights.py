@@ -166,3 +166,106 @@ def test_export_round_trip_with_lora(request, tmp_path, fixture):
   # Exporting over an existing directory replaces it.
   export.export_decoder(again, out)
   np.testing.assert_allclose(_ours(hf_weights.load_decoder(out)[0], tokens), adapted, atol=1e-5)
+
+
+# --- GGUF: a tiny file written the way llama.cpp's converter writes it --------
+
+_GGUF_BLOCK = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+               "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+               "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+               "input_layernorm": "attn_norm", "self_attn.q_norm": "attn_q_norm",
+               "self_attn.k_norm": "attn_k_norm"}
+
+
+def _llama_cpp_permute(w, n_heads):
+  return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
+      w.shape)
+
+
+def _write_gguf(hf_dir, path, arch):
+  import gguf
+  hf = hf_weights.read_config(hf_dir)
+  writer = gguf.GGUFWriter(str(path), arch)
+  writer.add_block_count(hf["num_hidden_layers"])
+  writer.add_context_length(256)
+  writer.add_embedding_length(hf["hidden_size"])
+  writer.add_feed_forward_length(hf["intermediate_size"])
+  writer.add_head_count(hf["num_attention_heads"])
+  writer.add_head_count_kv(hf["num_key_value_heads"])
+  writer.add_key_length(hf["head_dim"])
+  writer.add_value_length(hf["head_dim"])
+  writer.add_layer_norm_rms_eps(hf["rms_norm_eps"])
+  theta = hf["rope_parameters"]
+  theta = theta["full_attention"]["rope_theta"] if arch == "gemma3" else theta["rope_theta"]
+  writer.add_rope_freq_base(theta)
+  if arch == "gemma3":
+    writer.add_sliding_window(hf["sliding_window"])
+  writer.add_eos_token_id(hf["eos_token_id"])
+  gemma_post = {"post_attention_layernorm": "post_attention_norm",
+                "pre_feedforward_layernorm": "ffn_norm",
+                "post_feedforward_layernorm": "post_ffw_norm"}
+  for name, w in hf_weights.load_state(hf_dir).items():
+    w = np.asarray(w, np.float32)
+    if name == "model.embed_tokens.weight":
+      new = "token_embd.weight"
+    elif name == "model.norm.weight":
+      new = "output_norm.weight"
+    elif name == "lm_head.weight":
+      new = "output.weight"
+    else:
+      _, _, i, rest = name.split(".", 3)
+      rest = rest.removesuffix(".weight")
+      extra = gemma_post if arch == "gemma3" else {"post_attention_layernorm": "ffn_norm"}
+      new = f"blk.{i}.{_GGUF_BLOCK.get(rest) or extra[rest]}.weight"
+      if arch == "llama" and rest == "self_attn.q_proj":
+        w = _llama_cpp_permute(w, hf["num_attention_heads"])
+      if arch == "llama" and rest == "self_attn.k_proj":
+        w = _llama_cpp_permute(w, hf["num_key_value_heads"])
+    if arch == "gemma3" and new.endswith("norm.weight"):
+      w = w + 1.0  # llama.cpp stores Gemma norms as 1 + w
+    writer.add_tensor(new, w)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return path
+
+
+@pytest.fixture(scope="module")
+def gemma3_dir(tmp_path_factory):
+  torch.manual_seed(2)
+  config = transformers.Gemma3TextConfig(
+      vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+      num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4,
+      query_pre_attn_scalar=8, initializer_range=0.2)
+  model = transformers.Gemma3ForCausalLM(config)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.add_(0.2 * torch.randn_like(p))
+  return _save(model, tmp_path_factory.mktemp("gemma3"))
+
+
+@pytest.mark.parametrize("fixture,arch", [("llama_dir", "llama"), ("gemma3_dir", "gemma3")])
+def test_gguf_matches_hf_directory(request, tmp_path, fixture, arch):
+  """Q/K un-permutation (llama) and the 1 + w norm storage (gemma) are undone."""
+  hf_dir = request.getfixturevalue(fixture)
+  path = _write_gguf(hf_dir, tmp_path / "tiny.gguf", arch)
+  from_gguf, gcfg = hf_weights.load_decoder(path)
+  from_dir, dcfg = hf_weights.load_decoder(hf_dir)
+  assert gcfg.tie_embeddings == dcfg.tie_embeddings
+  assert gcfg.layer_types == dcfg.layer_types and gcfg.sliding_window == dcfg.sliding_window
+  tokens = _tokens()
+  np.testing.assert_allclose(_ours(from_gguf, tokens), _ours(from_dir, tokens), atol=1e-5, rtol=0)
+
+
+def test_gguf_unsupported_architecture(tmp_path):
+  import gguf
+  writer = gguf.GGUFWriter(str(tmp_path / "x.gguf"), "gpt2")
+  writer.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  with pytest.raises(ValueError, match="unsupported general.architecture='gpt2'"):
+    hf_weights.load_decoder(tmp_path / "x.gguf")

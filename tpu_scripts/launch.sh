@@ -24,10 +24,13 @@ fi
 run="$(basename "${config}" .py)-$(date +%Y%m%d-%H%M%S)"
 args="$(printf ' %q' "$@")"
 
-# Kill what a previous launch left running (it would hold the TPU), then start.
-on_all_workers "pkill -f '[l]angptune-jax ${COMMAND}' || true; mkdir -p ~/${LOG_DIR}; \
+# Stop what a previous launch left running (it would hold the TPU), then start;
+# the process id goes to ~/${LOG_DIR}/run.pid for teardown.sh.
+on_all_workers "mkdir -p ~/${LOG_DIR}; \
+  if [ -f ~/${LOG_DIR}/run.pid ]; then kill \$(cat ~/${LOG_DIR}/run.pid) 2>/dev/null || true; sleep 5; fi; \
   cd ~/${REMOTE_DIR} && nohup env PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1 \
   .venv/bin/langptune-jax ${COMMAND} --config=${config} --workdir=${WORKDIR} \
-  --config.distributed.initialize=True${args} > ~/${LOG_DIR}/${run}.log 2>&1 < /dev/null &
+  --config.distributed.initialize=True${args} > ~/${LOG_DIR}/${run}.log 2>&1 < /dev/null & \
+  echo \$! > ~/${LOG_DIR}/run.pid; \
   ln -sf ~/${LOG_DIR}/${run}.log ~/${LOG_DIR}/latest.log; echo \"\$(hostname): started ${run}\""
 echo "logs: ./tpu_scripts/logs.sh   (all workers: WORKER=all ./tpu_scripts/logs.sh)"

@@ -355,3 +355,13 @@ def load_bert(path, *, dtype=jnp.float32, param_dtype=jnp.float32, mesh: Mesh | 
     raise ValueError(f"{path}: missing tensor {missing[0]!r}"
                      + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
   return model, cfg
+
+
+def hf_state(model: Bert) -> dict[str, np.ndarray]:
+  """HF BertModel tensor names -> host arrays (the inverse of :func:`load_bert`'s mapping)."""
+  flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+  out = {}
+  for hf_name, (path, transpose) in _hf_name_map(model.config).items():
+    value = np.asarray(jax.device_get(flat[path].get_value()), np.float32)
+    out[hf_name] = value.T if transpose else value
+  return out

@@ -24,7 +24,7 @@ from langptune_jax.models import embedder as embedder_lib
 from langptune_jax.train import losses
 from langptune_jax.train import state as state_lib
 
-BATCH_KEYS = ("profile_tokens", "profile_mask", "item_tokens", "item_mask")
+BATCH_KEYS = ("profile_tokens", "profile_mask", "item_tokens", "item_mask", "item_ids")
 
 
 def _embed(graphdef, trainable, rest, tokens, mask):
@@ -45,7 +45,8 @@ def cl_loss_and_grads(model: embedder_lib.Embedder, wrt, batch: dict, *, tempera
   num_micro = 1 if micro_batch_size <= 0 else batch_size // micro_batch_size
 
   def loss_from_embeddings(q, k):
-    return losses.info_nce(q, k, temperature)
+    # Two users with the same target must not serve as each other's negatives.
+    return losses.info_nce(q, k, temperature, key_ids=batch["item_ids"])
 
   if num_micro == 1:
     def loss_fn(params):
@@ -56,7 +57,7 @@ def cl_loss_and_grads(model: embedder_lib.Embedder, wrt, batch: dict, *, tempera
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     return loss, metrics, grads
 
-  chunked = {key: _chunks(batch[key], num_micro) for key in BATCH_KEYS}
+  chunked = {key: _chunks(batch[key], num_micro) for key in BATCH_KEYS[:4]}
 
   # 1) Embeddings of the whole batch, one micro-batch at a time, no gradients.
   def embed_chunk(_, mb):
@@ -107,7 +108,8 @@ def make_cl_step(train_state: state_lib.TrainState, mesh, *, temperature: float,
       metrics = dict(metrics, loss=loss, grad_norm=_global_norm(grads))
       return nnx.state((model, optimizer)), metrics
 
-  batch_shardings = {key: parallel.batch_sharding(mesh, 2, rules) for key in BATCH_KEYS}
+  batch_shardings = {key: parallel.batch_sharding(mesh, 1 if key == "item_ids" else 2, rules)
+                     for key in BATCH_KEYS}
   return state_lib.jit_step(step, train_state, batch_shardings)
 
 

@@ -230,6 +230,7 @@ class Trainer:
           "profile_mask": self.profiles.decoder_mask[index],
           "item_tokens": self.data.item_tokens[users.target[index]],
           "item_mask": self.data.item_mask[users.target[index]],
+          "item_ids": users.target[index],
       }
       batch = parallel.global_batch(batch, self.mesh, self.rules)
       self.decoder_state.state, metrics = self.cl_step(self.decoder_state.state, batch)

@@ -1,0 +1,52 @@
+"""Paper configuration: Gemma-2B-it (LoRA r=1024) + mxbai-embed-large-v1 on Amazon Movies & TV.
+
+Set the local paths on the command line:
+  langptune-jax train --config=configs/gemma_2b_movies_tv.py \
+    --config.encoder.path=/models/gemma-2b-it \
+    --config.decoder.path=/models/mxbai-embed-large-v1 \
+    --config.data.reviews=/data/Movies_and_TV.jsonl.gz \
+    --config.data.meta=/data/meta_Movies_and_TV.jsonl.gz --workdir=gs://bucket/runs/gemma_mtv
+"""
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import base  # noqa: E402  (configs/ is not a package)
+
+
+def get_config(domain: str = "movies_tv"):
+  c = base.get_config()
+  c.data.source = "amazon"
+  c.data.domain = domain
+  c.data.instruction = (base.MOVIES_TV_INSTRUCTION if domain == "movies_tv"
+                        else base.BOOKS_INSTRUCTION)
+
+  c.encoder.family = "gemma"
+  c.encoder.dtype = "bfloat16"
+  c.encoder.training = "lora"
+  c.encoder.remat = "full"
+  c.lora.rank = 1024
+  c.lora.alpha = 2048.0
+  c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
+
+  c.decoder.family = "bert"
+  c.decoder.pooling = "cls"
+  c.decoder.dtype = "bfloat16"
+
+  # 4 devices x 16 prompts x 2 samples per RL update; CL batch 32 per device.
+  c.rl.lr = 1e-7
+  c.rl.kl_coef = 0.2
+  c.rl.num_lm_updates = 200
+  c.rl.prompts_per_update = 64
+  c.rl.num_generations = 2
+  c.rl.num_ppo_epochs = 4
+  c.rl.micro_batch_size = 16
+  c.rl.response_length = 512
+  c.cl.lr = 1e-7
+  c.cl.num_emb_updates = 800
+  c.cl.batch_size = 128
+  c.cl.micro_batch_size = 32
+  c.train.num_iterations = 5
+  return c

@@ -1,0 +1,50 @@
+"""Paper configuration: Llama-3-8B-Instruct (top 4 blocks trained) + mxbai-embed-large-v1, Movies & TV.
+
+  langptune-jax train --config=configs/llama3_8b_movies_tv.py \
+    --config.encoder.path=/models/Meta-Llama-3-8B-Instruct \
+    --config.decoder.path=/models/mxbai-embed-large-v1 \
+    --config.data.reviews=... --config.data.meta=...
+"""
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+import base  # noqa: E402  (configs/ is not a package)
+
+
+def get_config(domain: str = "movies_tv"):
+  c = base.get_config()
+  c.data.source = "amazon"
+  c.data.domain = domain
+  c.data.instruction = (base.MOVIES_TV_INSTRUCTION if domain == "movies_tv"
+                        else base.BOOKS_INSTRUCTION)
+
+  c.encoder.family = "llama"
+  c.encoder.dtype = "bfloat16"
+  c.encoder.training = "partial"
+  c.encoder.num_layers_unfrozen = 4
+  c.encoder.remat = "full"
+
+  c.decoder.family = "bert"
+  c.decoder.pooling = "cls"
+  c.decoder.dtype = "bfloat16"
+
+  c.rl.lr = 3e-7
+  c.rl.kl_coef = 0.0
+  c.rl.num_lm_updates = 500
+  c.rl.prompts_per_update = 64
+  c.rl.num_generations = 2
+  c.rl.num_ppo_epochs = 4
+  c.rl.micro_batch_size = 16
+  c.rl.response_length = 512
+  c.cl.lr = 3e-7
+  c.cl.num_emb_updates = 2500
+  c.cl.batch_size = 128
+  c.cl.micro_batch_size = 32
+  c.train.num_iterations = 5
+  # An 8B encoder needs its weights split across chips: shard them over fsdp.
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  return c

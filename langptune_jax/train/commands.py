@@ -1,0 +1,179 @@
+"""The `train`, `evaluate` and `export` commands: wiring config -> data, models, Trainer.
+
+Each command receives the validated config and the run directory from
+:mod:`langptune_jax.main`. The prepared dataset is read from
+``data.dataset_dir`` (default ``<workdir>/dataset``) and built first when it
+does not exist yet, so ``train`` alone runs the whole pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+
+import numpy as np
+
+from langptune_jax import parallel
+from langptune_jax.data import builder as data_builder
+from langptune_jax.data import loader as data_loader
+from langptune_jax.data import prepare as data_prepare
+from langptune_jax.models import bert as bert_lib
+from langptune_jax.models import embedder as embedder_lib
+from langptune_jax.models import lora as lora_lib
+from langptune_jax.observability import MetricsWriter
+from langptune_jax.train import report
+from langptune_jax.train.loop import Trainer
+from langptune_jax.train.run_data import RunData, UserSplit
+from langptune_jax.weights import export as export_lib
+from langptune_jax.weights import hf as hf_weights
+from langptune_jax.weights import tokenizer as tok_lib
+
+# Dataset settings that must match the run's config (token lengths, tokenizers, filters).
+_DATASET_SETTINGS = ("prompt_max_len", "decoder_max_len", "history_len", "k_core", "source",
+                     "encoder.path", "decoder.path")
+
+
+def _user_split(columns: dict) -> UserSplit:
+  history = np.where(columns["history_mask"].astype(bool), columns["history"], -1)
+  return UserSplit(columns["user"].astype(np.int32), columns["prompt_tokens"].astype(np.int32),
+                   columns["prompt_mask"].astype(bool), history.astype(np.int32),
+                   columns["target"].astype(np.int32), list(columns["prompt"]))
+
+
+def load_run_data(config, workdir) -> RunData:
+  """The prepared dataset as in-memory arrays (prepares it first if it is missing)."""
+  folder = data_prepare.dataset_dir(config, workdir)
+  if not (folder / data_builder.STATS_FILE).exists():
+    print(f"no prepared dataset at {folder}: preparing it now")
+    data_prepare.run(config, workdir)
+  settings = data_loader.load_stats(folder).get("settings", {})
+  built = dict(settings.get("data", {}), **{
+      "encoder.path": settings.get("encoder_path"), "decoder.path": settings.get("decoder_path")})
+  current = dict(config.data, **{"encoder.path": str(config.encoder.path),
+                                 "decoder.path": str(config.decoder.path)})
+  for name in _DATASET_SETTINGS:
+    if built.get(name) is not None and str(built[name]) != str(current[name]):
+      field = name if "." in name else f"data.{name}"
+      raise ValueError(f"dataset {folder} was built with {field}={built[name]} but the config "
+                       f"has {field}={current[name]}; re-run prepare or set data.dataset_dir to "
+                       "another folder")
+  splits = {name: _user_split(data_loader.load_split(folder, name))
+            for name in ("train", "val", "test")}
+  items = data_loader.load_split(folder, "items")
+  order = np.argsort(items["item"])
+  if not np.array_equal(items["item"][order], np.arange(len(order))):
+    raise ValueError(f"dataset {folder}: item indices are not 0..{len(order) - 1}")
+  return RunData(splits["train"], splits["val"], splits["test"],
+                 items["decoder_tokens"][order].astype(np.int32),
+                 items["decoder_mask"][order].astype(np.int32),
+                 [items["text"][i] for i in order])
+
+
+def build_trainer(config, workdir) -> Trainer:
+  mesh = parallel.make_mesh(config.mesh)
+  rules = parallel.rules_from_config(config.mesh.rules)
+  data = load_run_data(config, workdir)
+  encoder, _ = hf_weights.load_decoder(
+      config.encoder.path, dtype=config.encoder.dtype, param_dtype=config.encoder.param_dtype,
+      mesh=mesh, rules=rules, remat=config.encoder.remat)
+  decoder = embedder_lib.load_embedder(
+      config.decoder.family, config.decoder.path, pooling=config.decoder.pooling,
+      normalize=bool(config.decoder.normalize), dtype=config.decoder.dtype,
+      param_dtype=config.decoder.param_dtype, mesh=mesh,
+      remat=bool(config.decoder.get("remat", False)))
+  writer = MetricsWriter(str(workdir), tensorboard=bool(config.logging.tensorboard),
+                         jsonl=bool(config.logging.jsonl))
+  return Trainer(config, str(workdir), data=data, encoder=encoder, decoder=decoder,
+                 encoder_tokenizer=tok_lib.load_tokenizer(config.encoder.path),
+                 decoder_tokenizer=tok_lib.load_tokenizer(config.decoder.path),
+                 writer=writer, mesh=mesh)
+
+
+def _print_report(trainer: Trainer) -> None:
+  table = report.write_report(str(trainer.workdir), trainer.history, trainer.curves,
+                              tuple(int(k) for k in trainer.config.eval.ks),
+                              int(trainer.config.logging.num_sample_profiles))
+  print(table)
+  print(f"\nresults: {os.path.join(trainer.workdir, 'results.md')} "
+        f"(plots: curves.png, metrics.png; profiles/: per-user profiles and ranks)")
+
+
+def train(config, workdir) -> int:
+  trainer = build_trainer(config, workdir)
+  try:
+    trainer.run()
+    if trainer.finished:
+      _print_report(trainer)
+    else:
+      print(f"stopped at {trainer.position} (train.stop_after_steps); run again to resume")
+  finally:
+    trainer.close()
+  return 0
+
+
+def evaluate(config, workdir) -> int:
+  """Scores the latest checkpoint in `workdir` (or the untrained models) on eval.split."""
+  trainer = build_trainer(config, workdir)
+  try:
+    restored = trainer.restore()
+    tag = (f"checkpoint_iteration_{trainer.position['iteration']}" if restored
+           else "untrained")
+    results = trainer.evaluate(f"evaluate_{tag}", baselines=True)
+    path = os.path.join(workdir, f"evaluate_{tag}.json")
+    with open(path + ".tmp", "w") as f:
+      json.dump(results, f, indent=2)
+    os.replace(path + ".tmp", path)
+    print(report.results_table(results, tuple(int(k) for k in config.eval.ks)))
+    print(f"\nwritten: {path}")
+  finally:
+    trainer.close()
+  return 0
+
+
+def export(config, workdir) -> int:
+  """Writes the trained encoder (LoRA merged) and decoder as HF directories."""
+  trainer = build_trainer(config, workdir)
+  try:
+    if not trainer.restore():
+      raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: "
+                              "train first")
+    out = pathlib.Path(workdir) / "export"
+    encoder = trainer.encoder_state.model
+    lora_lib.merge_lora(encoder)
+    export_lib.export_decoder(encoder, out / "encoder")
+    _copy_tokenizer(config.encoder.path, out / "encoder")
+    decoder_dir = out / "decoder"
+    _export_embedder(trainer.decoder_state.model, decoder_dir, config.decoder.path)
+    print(f"encoder (LoRA merged): {out / 'encoder'}\ndecoder: {decoder_dir}")
+  finally:
+    trainer.close()
+  return 0
+
+
+def _export_embedder(embedder: embedder_lib.Embedder, out: pathlib.Path, source: str) -> None:
+  """The decoder as an HF directory: BERT weights (or a decoder LLM) plus its tokenizer."""
+  if embedder.family != "bert":
+    export_lib.export_decoder(embedder.model, out)
+    _copy_tokenizer(source, out)
+    return
+  tmp = out.with_name(f".{out.name}.tmp")
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir(parents=True)
+  export_lib.write_safetensors(tmp / "model.safetensors", bert_lib.hf_state(embedder.model))
+  shutil.copy(pathlib.Path(source) / "config.json", tmp / "config.json")
+  _copy_tokenizer(source, tmp)
+  shutil.rmtree(out, ignore_errors=True)
+  os.replace(tmp, out)
+
+
+def _copy_tokenizer(source: str, target: pathlib.Path) -> None:
+  """Saves the tokenizer next to exported weights so transformers can load the folder."""
+  tok = tok_lib.load_tokenizer(source)
+  tok.save_pretrained(str(target))
+  src = pathlib.Path(source)
+  if src.is_dir():
+    for name in ("generation_config.json",):
+      if (src / name).exists():
+        shutil.copy(src / name, target / name)
