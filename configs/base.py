@@ -53,6 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   e.num_layers_unfrozen = 4  # with training=partial: top blocks that train
   e.remat = "none"  # none | full | dots (activation checkpointing of each block)
   e.cache_size = 0  # KV cache length; 0: prompt_max_len + response_length
+  e.preset = ""  # model shape without weights for `plan` (e.g. gemma-2b-it); "": from path
 
   # --- recommender decoder (text embedder) ---
   c.decoder = r = ml_collections.ConfigDict()
@@ -64,6 +65,9 @@ def get_config() -> ml_collections.ConfigDict:
   r.normalize = True
   r.num_layers_unfrozen = -1  # -1: the whole decoder trains; N: only the top N layers
   r.embed_batch_size = 64  # items per batch when embedding the catalogue
+  r.remat = False  # recompute each block in the backward pass (CL steps)
+  r.attention = "einsum"  # einsum | fused (jax.nn.dot_product_attention; right padding only)
+  r.preset = ""  # model shape without weights for `plan` (e.g. mxbai-embed-large-v1)
 
   # --- LoRA on the encoder ---
   c.lora = lo = ml_collections.ConfigDict()

@@ -27,8 +27,8 @@ def get_config():
   c.data.instruction = base.MOVIELENS_INSTRUCTION
   c.data.movielens_dir = _asset("ml-100k")
   c.data.history_len = 4
-  c.data.prompt_max_len = 384
-  c.data.decoder_max_len = 128
+  c.data.prompt_max_len = 256  # MovieLens prompts with 4 rated movies: ~220 SmolLM2 tokens
+  c.data.decoder_max_len = 96  # items ~17 tokens; 64-token profiles fit
   c.data.max_users = 256
 
   c.encoder.family = "llama"

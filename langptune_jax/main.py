@@ -200,14 +200,9 @@ def _load_config():
 
 
 def _maybe_initialize_distributed(config) -> None:
-  dist = config.distributed
-  if not dist.initialize:
-    return
-  import jax
-  jax.distributed.initialize(
-      coordinator_address=dist.coordinator_address or None,
-      num_processes=dist.num_processes or None,
-      process_id=dist.process_id if dist.process_id >= 0 else None)
+  # Joins a multi-host run when the config or the environment describes one.
+  from langptune_jax import distributed
+  distributed.initialize(config.distributed)
 
 
 def _prepare(command: Command):

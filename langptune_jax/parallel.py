@@ -41,7 +41,9 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("head_dim", None),
     ("length", None),
     ("kv_length", None),
-    ("lora_rank", None),
+    # Adapter rank over fsdp: a rank-1024 adapter of an [embed, mlp] layer is
+    # then split like its base weight instead of replicated on every device.
+    ("lora_rank", "fsdp"),
     ("layers", None),
     ("norm", None),
     ("items", None),

@@ -126,10 +126,12 @@ class Plan:
                    f"{_gib(max(s.io - s.kv_cache, 0)):>10s} {_gib(self.total(s)):>10s}")
     lines.append("")
     lines.append(f"peak per device: {_gib(self.peak_bytes)} ({self.peak_step})")
+    partial = any(s.temporaries is None for s in self.steps if s.error is None)
     for key in VERDICT_CHIPS:
       chip = flops.CHIPS[key]
       verdict = "fits" if self.fits(chip) else "does NOT fit"
-      lines.append(f"  {verdict} on {chip.name} ({chip.hbm_gib:g} GiB, {HEADROOM:.0%} usable)")
+      lines.append(f"  {verdict} on {chip.name} ({chip.hbm_gib:g} GiB, {HEADROOM:.0%} usable)"
+                   + (" - without temporaries" if partial else ""))
     lines += [f"note: {n}" for n in self.notes]
     return "\n".join(lines)
 

@@ -177,29 +177,75 @@ def test_tiny_alternating_run_beats_zero_shot(tmp_path):
   assert os.path.exists(tmp_path / "profiles" / "zero_shot.jsonl")
 
 
+def synthetic_rollout(trainer, num_prompts=8, response_len=6, seed=0):
+  """A fixed rollout batch (random responses and rewards) for one RLSO pass."""
+  rng = np.random.default_rng(seed)
+  group = trainer.rl_settings.group_size
+  users = trainer.data.train.take(np.arange(num_prompts))
+  rows = num_prompts * group
+  batch = {"prompt_tokens": np.repeat(users.prompt_tokens, group, axis=0),
+           "prompt_mask": np.repeat(users.prompt_mask, group, axis=0),
+           "response_tokens": rng.integers(4, 18, (rows, response_len)).astype(np.int32),
+           "response_mask": np.arange(response_len)[None, :] < rng.integers(2, response_len + 1,
+                                                                            (rows, 1))}
+  logp_old, logp_ref, _ = trainer.policy_logprobs(
+      trainer.encoder_state.state, trainer.reference, parallel.global_batch(batch, trainer.mesh))
+  task = rng.uniform(size=rows).astype(np.float32)
+  total, kl = loop.rlso.shaped_rewards(task, logp_old, logp_ref, trainer.rl_settings)
+  batch.update(logp_old=logp_old, total_reward=total, task_reward=task, kl=kl)
+  return {k: np.asarray(v) for k, v in batch.items()}
+
+
+def one_pass_and_cl_step(trainer):
+  """(RLSO pass loss, CL loss, trainable params) after one RLSO pass and one CL step."""
+  rollout = synthetic_rollout(trainer)
+  trainer.encoder_state.state, m = trainer.rlso_pass(
+      trainer.encoder_state.state, parallel.global_batch(rollout, trainer.mesh))
+  data, users = trainer.data, trainer._cl_users()
+  batch = {"profile_tokens": data.item_tokens[users.history[:8, 0]],
+           "profile_mask": data.item_mask[users.history[:8, 0]],
+           "item_tokens": data.item_tokens[users.target[:8]],
+           "item_mask": data.item_mask[users.target[:8]],
+           "item_ids": users.target[:8]}
+  trainer.decoder_state.state, c = trainer.cl_step(trainer.decoder_state.state,
+                                                   parallel.global_batch(batch, trainer.mesh))
+  return float(m["loss"]), float(c["loss"]), trainable_params(trainer)
+
+
+def assert_same_update(a, b, atol=2e-5):
+  assert a[0] == pytest.approx(b[0], rel=1e-4, abs=1e-6)
+  assert a[1] == pytest.approx(b[1], rel=1e-5)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=atol), a[2], b[2])
+
+
 def test_sharded_updates_equal_single_device(tmp_path):
-  outs = []
-  for devices, mesh in ((1, dict(data=1, fsdp=1, tensor=1)), (8, dict(data=2, fsdp=2, tensor=2))):
-    cfg = planted_config(rl__lr=1e-2, cl__lr=1e-2, rl__prompts_per_update=8)
+  cfg = planted_config(rl__lr=1e-2, cl__lr=1e-2, cl__batch_size=8)
+  cfg.mesh.update(data=1, fsdp=1, tensor=1)
+  reference = one_pass_and_cl_step(make_trainer(cfg, tmp_path / "one", num_devices=1))
+  for mesh in (dict(data=2, fsdp=2, tensor=2), dict(data=1, fsdp=4, tensor=2),
+               dict(data=8, fsdp=1, tensor=1)):
+    cfg = planted_config(rl__lr=1e-2, cl__lr=1e-2, cl__batch_size=8)
     cfg.mesh.update(mesh)
-    trainer = make_trainer(cfg, tmp_path / str(devices), num_devices=devices)
-    data = trainer.data
-    item_emb = parallel.put(trainer.embed_texts(data.item_tokens, data.item_mask, "items"),
-                            trainer.mesh, ("items", None))
-    m = trainer.rlso_update(data.train.take(np.arange(8)), item_emb, jax.random.key(0),
-                            np.random.default_rng(0))
-    users = trainer._cl_users()
-    batch = {"profile_tokens": data.item_tokens[users.history[:8, 0]],
-             "profile_mask": data.item_mask[users.history[:8, 0]],
-             "item_tokens": data.item_tokens[users.target[:8]],
-             "item_mask": data.item_mask[users.target[:8]],
-             "item_ids": users.target[:8]}
-    trainer.decoder_state.state, c = trainer.cl_step(trainer.decoder_state.state,
-                                                     parallel.global_batch(batch, trainer.mesh))
-    outs.append((m["loss"], float(c["loss"]), trainable_params(trainer)))
-  assert outs[0][0] == pytest.approx(outs[1][0], rel=1e-4)
-  assert outs[0][1] == pytest.approx(outs[1][1], rel=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), outs[0][2], outs[1][2])
+    sharded = one_pass_and_cl_step(make_trainer(cfg, tmp_path / str(mesh), num_devices=8))
+    assert_same_update(reference, sharded)
+
+
+def test_remat_and_micro_batches_give_the_same_update(tmp_path):
+  outs = []
+  for remat, micro in (("none", 0), ("full", 2)):
+    cfg = planted_config(rl__lr=1e-2, cl__lr=1e-2, cl__batch_size=8, rl__micro_batch_size=micro,
+                         cl__micro_batch_size=micro * 2)
+    tok = planted.word_tokenizer()
+    trainer = loop.Trainer(
+        cfg, str(tmp_path / remat), data=planted.planted_data(tok),
+        encoder=planted.tiny_encoder(len(tok), remat=remat),
+        decoder=planted.tiny_decoder(len(tok)), encoder_tokenizer=tok, decoder_tokenizer=tok,
+        mesh=parallel.make_mesh(cfg.mesh, jax.devices()[:1]))
+    outs.append(one_pass_and_cl_step(trainer))
+    if remat == "full":  # sampling with a remat policy decodes as usual
+      out = trainer.write_profiles(trainer.data.val.head(4), jax.random.key(0), greedy=True)
+      assert len(out.texts) == 4
+  assert_same_update(outs[0], outs[1])
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):

@@ -165,6 +165,7 @@ class AmazonSource:
     item_index = self._item_index
     skip = self.skips.skip
     loads = json.loads
+    raw_decode = json.JSONDecoder().raw_decode
     name = pathlib.Path(self.reviews_path).name
     n = 0
     with _bar("reviews pass 1") as bar:
@@ -177,10 +178,15 @@ class AmazonSource:
           skip("invalid UTF-8", f"{name}:{n}")
           continue
         try:
-          row = loads(text)
+          row, end = raw_decode(text)  # json.loads minus two wrapper calls per line
+          if end != len(text) and text[end:].strip():
+            raise ValueError("trailing data")
         except ValueError:
-          skip("blank line" if not line.strip() else "malformed JSON", f"{name}:{n}")
-          continue
+          try:
+            row = loads(text)  # leading whitespace is fine for loads, not raw_decode
+          except ValueError:
+            skip("blank line" if not line.strip() else "malformed JSON", f"{name}:{n}")
+            continue
         if type(row) is not dict:
           skip("malformed JSON", f"{name}:{n}")
           continue

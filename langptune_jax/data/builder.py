@@ -36,6 +36,8 @@ run never leaves a folder that looks complete.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import pathlib
@@ -165,7 +167,9 @@ def write(prepared: core.Prepared, dataset_dir: str | os.PathLike, *, history_le
       builder = LangPTune(rows=rows, history_len=history_len, prompt_len=prompt_len,
                           decoder_len=decoder_len, config=config, data_dir=str(tmp),
                           file_format="array_record")
-      builder.download_and_prepare(download_config=tfds.download.DownloadConfig())
+      # TFDS prints "downloading and preparing ... to <temp dir>": not for our users.
+      with contextlib.redirect_stdout(io.StringIO()):
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig())
     stats = dict(prepared.stats)
     stats.update(extra_stats or {})
     stats["format"] = {"name": NAME, "version": VERSION, "history_len": history_len,

@@ -12,6 +12,7 @@ pooling lives in :mod:`langptune_jax.models.embedder`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import pathlib
 from typing import Any, Iterator
@@ -211,7 +212,8 @@ class Bert(nnx.Module):
       token_type_ids = jnp.zeros_like(tokens)
     key_mask = attention_mask.astype(bool)
     x = self.embeddings(tokens, token_type_ids)
-    run = nnx.remat(_run_layer) if self.config.remat else _run_layer
+    run = (functools.partial(layers.checkpointed_call, _run_layer) if self.config.remat
+           else _run_layer)
     for layer in self.layers:
       x = run(layer, x, key_mask)
     return x

@@ -108,3 +108,21 @@ class LayerNorm(nnx.Module):
     var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
     y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
     return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+def checkpointed_call(fn: Callable, module: nnx.Module, *args, policy=None):
+  """``fn(module, *args)`` whose activations are recomputed in the backward pass.
+
+  The module is split into a graph definition and a state and the call runs
+  under ``jax.checkpoint`` as a pure function of that state. Unlike
+  ``nnx.remat`` this writes nothing back into the module, so it also works
+  when the module's parameters are tracers of an enclosing transformation
+  (e.g. a model merged inside ``jax.grad``). Modules called this way must
+  not mutate their state (no dropout RNG streams).
+  """
+  graphdef, state = nnx.split(module)
+
+  def pure(state, *args):
+    return fn(nnx.merge(graphdef, state), *args)
+
+  return jax.checkpoint(pure, policy=policy)(state, *args)

@@ -15,6 +15,7 @@ followed by token-by-token decoding.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -344,10 +345,11 @@ class Decoder(nnx.Module):
     x = self.embed(tokens)
     end_index = cache["end_index"] if cache is not None else None
     run = _run_block
-    if c.remat != "none":
+    if c.remat != "none" and cache is None:
+      # Recomputation only pays off when gradients flow: never while decoding.
       policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if c.remat == "dots"
                 else None)
-      run = nnx.remat(_run_block, policy=policy)
+      run = functools.partial(layers.checkpointed_call, _run_block, policy=policy)
     new_layers = []
     for i, block in enumerate(self.layers):
       layer_cache = cache["layers"][i] if cache is not None else None

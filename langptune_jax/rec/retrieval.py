@@ -90,7 +90,7 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
 
 def embed_catalogue(embed_fn: EmbedFn, item_tokens: np.ndarray, item_mask: np.ndarray,
                     batch_size: int, mesh: Mesh | None = None, progress: bool = True,
-                    desc: str = "embedding items") -> np.ndarray:
+                    desc: str = "embedding items", width_step: int = 32) -> np.ndarray:
   """Embeds every item text in fixed-size batches; returns L2-normalised f32[N, D] on the host.
 
   Args:
@@ -102,6 +102,8 @@ def embed_catalogue(embed_fn: EmbedFn, item_tokens: np.ndarray, item_mask: np.nd
       size when a mesh is given. The last batch is padded and the padding dropped.
     mesh: if given, each batch is placed with its rows sharded over the batch axes.
     progress: show a tqdm bar.
+    width_step: batches are cut to their longest text rounded up to a multiple
+      of this (texts must be right-padded); 0 keeps the full width.
   """
   item_tokens, item_mask = np.asarray(item_tokens), np.asarray(item_mask)
   if item_tokens.ndim != 2 or item_tokens.shape != item_mask.shape:
@@ -118,8 +120,14 @@ def embed_catalogue(embed_fn: EmbedFn, item_tokens: np.ndarray, item_mask: np.nd
   starts = range(0, num_items, batch_size)
   for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
     stop = min(start + batch_size, num_items)
-    tokens = _pad_rows(item_tokens[start:stop], batch_size)
-    mask = _pad_rows(item_mask[start:stop], batch_size)
+    # Drop trailing all-padding columns (right padding: they change nothing) in
+    # steps of `width_step`, so short texts cost less and compiles stay few.
+    width = item_tokens.shape[1]
+    if width_step > 0:
+      longest = int(item_mask[start:stop].astype(bool).sum(axis=1).max())
+      width = min(width, _round_up(max(longest, 1), width_step))
+    tokens = _pad_rows(item_tokens[start:stop, :width], batch_size)
+    mask = _pad_rows(item_mask[start:stop, :width], batch_size)
     if mesh is not None:
       tokens = parallel.put(tokens, mesh, ("batch", None))
       mask = parallel.put(mask, mesh, ("batch", None))

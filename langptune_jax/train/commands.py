@@ -82,7 +82,7 @@ def build_trainer(config, workdir) -> Trainer:
       config.decoder.family, config.decoder.path, pooling=config.decoder.pooling,
       normalize=bool(config.decoder.normalize), dtype=config.decoder.dtype,
       param_dtype=config.decoder.param_dtype, mesh=mesh,
-      remat=bool(config.decoder.get("remat", False)))
+      remat=bool(config.decoder.remat), attention=config.decoder.attention)
   writer = MetricsWriter(str(workdir), tensorboard=bool(config.logging.tensorboard),
                          jsonl=bool(config.logging.jsonl))
   return Trainer(config, str(workdir), data=data, encoder=encoder, decoder=decoder,

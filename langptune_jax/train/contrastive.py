@@ -32,10 +32,6 @@ def _embed(graphdef, trainable, rest, tokens, mask):
   return embedder(tokens, mask)
 
 
-def _chunks(x, num_micro):
-  return x.reshape((num_micro, x.shape[0] // num_micro) + x.shape[1:])
-
-
 def cl_loss_and_grads(model: embedder_lib.Embedder, wrt, batch: dict, *, temperature: float,
                       micro_batch_size: int = 0):
   """InfoNCE loss, metrics and gradients (of the `wrt` parameters) for one batch."""
@@ -57,7 +53,7 @@ def cl_loss_and_grads(model: embedder_lib.Embedder, wrt, batch: dict, *, tempera
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     return loss, metrics, grads
 
-  chunked = {key: _chunks(batch[key], num_micro) for key in BATCH_KEYS[:4]}
+  chunked = {key: state_lib.to_micro_batches(batch[key], num_micro) for key in BATCH_KEYS[:4]}
 
   # 1) Embeddings of the whole batch, one micro-batch at a time, no gradients.
   def embed_chunk(_, mb):
@@ -66,8 +62,8 @@ def cl_loss_and_grads(model: embedder_lib.Embedder, wrt, batch: dict, *, tempera
     return None, (q, k)
 
   _, (q, k) = jax.lax.scan(embed_chunk, None, chunked)
-  q = q.reshape((batch_size, -1))
-  k = k.reshape((batch_size, -1))
+  q = state_lib.from_micro_batches(q)
+  k = state_lib.from_micro_batches(k)
   q = parallel.constrain(q, ("batch", None))
   k = parallel.constrain(k, ("batch", None))
 
@@ -89,7 +85,8 @@ def cl_loss_and_grads(model: embedder_lib.Embedder, wrt, batch: dict, *, tempera
 
   zeros = jax.tree.map(jnp.zeros_like, trainable)
   grads, _ = jax.lax.scan(backprop_chunk, zeros,
-                          (chunked, _chunks(gq, num_micro), _chunks(gk, num_micro)))
+                          (chunked, state_lib.to_micro_batches(gq, num_micro),
+                           state_lib.to_micro_batches(gk, num_micro)))
   return loss, metrics, grads
 
 

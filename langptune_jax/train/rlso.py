@@ -83,7 +83,8 @@ def rlso_loss_and_grads(model: nnx.Module, wrt, batch: dict, settings: RLSOSetti
   if num_micro == 1:
     (loss, (logp_new, entropy)), grads = grad_fn(trainable, batch)
   else:
-    chunked = {k: v.reshape((num_micro, rows // num_micro) + v.shape[1:]) for k, v in batch.items()}
+    chunked = {k: state_lib.to_micro_batches(v, num_micro, settings.group_size)
+               for k, v in batch.items()}
 
     def body(acc, mb):
       (loss, aux), grads = grad_fn(trainable, mb)
@@ -93,7 +94,8 @@ def rlso_loss_and_grads(model: nnx.Module, wrt, batch: dict, settings: RLSOSetti
     grads, (loss, (logp_new, entropy)) = jax.lax.scan(body, zeros, chunked)
     grads = jax.tree.map(lambda g: g / num_micro, grads)
     loss = jnp.mean(loss)
-    logp_new, entropy = logp_new.reshape(rows), entropy.reshape(rows)
+    logp_new = state_lib.from_micro_batches(logp_new, settings.group_size)
+    entropy = state_lib.from_micro_batches(entropy, settings.group_size)
 
   metrics = losses.rl_metrics(task_reward=batch["task_reward"], total_reward=batch["total_reward"],
                               kl=batch["kl"], logp_new=logp_new, logp_old=batch["logp_old"],
@@ -128,16 +130,27 @@ def make_policy_logprobs(train_state: state_lib.TrainState, mesh, settings: RLSO
   """
   graphdef = train_state.graphdef
 
+  def one_chunk(model, reference, chunk):
+    args = (chunk["prompt_tokens"], chunk["prompt_mask"], chunk["response_tokens"],
+            chunk["response_mask"])
+    logp_old, entropy = sampling.sequence_logprobs(
+        model, *args, temperature=settings.temperature, return_entropy=True)
+    logp_ref = reference.apply(sampling.sequence_logprobs, model, *args,
+                               temperature=settings.temperature)
+    return logp_old, logp_ref, entropy
+
   def fn(state, reference, batch):
     with parallel.use_mesh(mesh, rules):
       model, _ = nnx.merge(graphdef, state)
-      args = (batch["prompt_tokens"], batch["prompt_mask"], batch["response_tokens"],
-              batch["response_mask"])
-      logp_old, entropy = sampling.sequence_logprobs(
-          model, *args, temperature=settings.temperature, return_entropy=True)
-      logp_ref = reference.apply(sampling.sequence_logprobs, model, *args,
-                                 temperature=settings.temperature)
-      return logp_old, logp_ref, entropy
+      rows = batch["prompt_tokens"].shape[0]
+      num_micro = _num_micro(rows, settings)
+      if num_micro == 1:
+        return one_chunk(model, reference, batch)
+      # The update's micro-batches: bounds the activations of a big rollout.
+      chunked = {k: state_lib.to_micro_batches(v, num_micro, settings.group_size)
+                 for k, v in batch.items()}
+      out = jax.lax.map(lambda chunk: one_chunk(model, reference, chunk), chunked)
+      return tuple(state_lib.from_micro_batches(x, settings.group_size) for x in out)
 
   shardings = {k: parallel.batch_sharding(mesh, 2, rules) for k in PASS_KEYS[:4]}
   return jax.jit(fn, in_shardings=(train_state.shardings, None, shardings))

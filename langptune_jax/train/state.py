@@ -110,3 +110,23 @@ def jit_step(fn: Callable, train_state: TrainState, batch_shardings, *, static_a
 
 def tree_mean(trees: list) -> Any:
   return jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *trees)
+
+
+def to_micro_batches(x: jax.Array, num_micro: int, group_size: int = 1) -> jax.Array:
+  """[rows, ...] -> [num_micro, rows // num_micro, ...], whole groups per micro-batch.
+
+  Groups are dealt round-robin (micro-batch j gets groups j, j + num_micro, ...)
+  so that with the batch sharded in contiguous blocks every micro-batch is
+  spread evenly over all devices.
+  """
+  rows = x.shape[0]
+  groups = rows // group_size
+  x = x.reshape((groups // num_micro, num_micro, group_size) + x.shape[1:])
+  return jnp.swapaxes(x, 0, 1).reshape((num_micro, rows // num_micro) + x.shape[3:])
+
+
+def from_micro_batches(x: jax.Array, group_size: int = 1) -> jax.Array:
+  """Inverse of :func:`to_micro_batches`: [num_micro, rows // num_micro, ...] -> [rows, ...]."""
+  num_micro, per_micro = x.shape[:2]
+  x = x.reshape((num_micro, per_micro // group_size, group_size) + x.shape[2:])
+  return jnp.swapaxes(x, 0, 1).reshape((num_micro * per_micro,) + x.shape[3:])
