@@ -126,7 +126,12 @@ def get_config() -> ml_collections.ConfigDict:
   ev.split = "val"
   ev.max_users = 0  # 0: the whole split
   ev.greedy = False  # profiles for evaluation: sampled at rl.temperature, or greedy
-  ev.baselines = ("reference_query", "popularity", "random")
+  # reference_query: the last history item's text as the query; history: the raw prompt
+  # embedded by a copy of the decoder fine-tuned on (prompt, target) pairs; popularity;
+  # random; sasrec: a self-attentive sequential recommender on the same splits.
+  ev.baselines = ("reference_query", "history", "popularity", "random", "sasrec")
+  ev.history_baseline_steps = 100  # InfoNCE steps of the `history` baseline's decoder
+  ev.sasrec_steps = 1000
 
   # --- device mesh ---
   c.mesh = m = ml_collections.ConfigDict()

@@ -60,6 +60,8 @@ def get_config():
   c.train.profile_batch_size = 16
 
   c.eval.max_users = 64
+  c.eval.history_baseline_steps = 8
+  c.eval.sasrec_steps = 300
 
   c.mesh.data = -1
   c.checkpoint.every_steps = 10

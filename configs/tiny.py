@@ -51,6 +51,8 @@ def get_config():
 
   c.eval.ks = (1, 5, 10)
   c.eval.max_users = 16
+  c.eval.history_baseline_steps = 2
+  c.eval.sasrec_steps = 20
 
   c.mesh.data = -1
   c.checkpoint.every_steps = 1

@@ -236,3 +236,19 @@ def test_all_lines_bad_is_clear(tmp_path, smollm2_gguf, minilm_dir):
   config = fx.amazon_config(tmp_path, smollm2_gguf, minilm_dir, reviews=str(reviews))
   with pytest.raises(core.DataError, match="no usable reviews"):
     prepare.prepare(config)
+
+
+def test_gemma_fallback_template_renders_gemma_turns():
+  import jinja2
+
+  template = jinja2.Environment().from_string(tok_lib.GEMMA_CHAT_TEMPLATE)
+  text = template.render(messages=[{"role": "user", "content": "Hi \n"}], bos_token="<bos>",
+                         add_generation_prompt=True)
+  assert text == "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+
+
+def test_gguf_metadata_reader_rejects_other_files(tmp_path):
+  bad = tmp_path / "x.gguf"
+  bad.write_bytes(b"NOTGGUF" + bytes(64))
+  with pytest.raises(ValueError, match="not a GGUF file"):
+    tok_lib.gguf_chat_template(bad)

@@ -25,7 +25,7 @@ def planted_config(**overrides):
   cfg.rl.kl_coef = 0.0
   cfg.checkpoint.enabled = False
   cfg.eval.ks = (1, 5, 10)
-  cfg.eval.baselines = ("reference_query", "popularity", "random")
+  cfg.eval.baselines = ("reference_query", "history", "popularity", "random", "sasrec")
   for key, value in overrides.items():
     section, field = key.split("__")
     cfg[section][field] = value
@@ -173,7 +173,8 @@ def test_tiny_alternating_run_beats_zero_shot(tmp_path):
   zero_shot = history[0]["results"]["zero_shot"]["ndcg@10"]
   final = history[-1]["results"][history[-1]["tag"]]["ndcg@10"]
   assert final > zero_shot + 0.05, (zero_shot, final)
-  assert {"reference_query", "popularity", "random"} <= set(history[0]["results"])
+  assert {"reference_query", "history", "popularity", "random", "sasrec"} == (
+      set(history[0]["results"]) - {"zero_shot"})
   assert os.path.exists(tmp_path / "profiles" / "zero_shot.jsonl")
 
 

@@ -176,6 +176,7 @@ def write(prepared: core.Prepared, dataset_dir: str | os.PathLike, *, history_le
                        "prompt_max_len": prompt_len, "decoder_max_len": decoder_len,
                        "encoder_pad_id": encoder_pad, "decoder_pad_id": decoder_pad,
                        "num_items": int(len(prepared.items["item"]))}
+    shutil.rmtree(tmp / "downloads", ignore_errors=True)  # TFDS's empty download cache
     # stats.json last: its presence marks a complete dataset.
     with open(tmp / STATS_FILE, "w") as f:
       json.dump(stats, f, indent=2, sort_keys=True)

@@ -341,7 +341,64 @@ class Trainer:
     if "random" in names:
       scores = np.asarray(baselines_lib.random_scores(jax.random.key(self.seed), len(users), n))
       out["random"] = _metrics_from_scores(scores, users, ks)
+    if "sasrec" in names:
+      sequences = [np.append(h[h >= 0], t) for h, t in zip(self.data.train.history,
+                                                            self.data.train.target)]
+      model = baselines_lib.train_sasrec(sequences, n, steps=int(self.config.eval.sasrec_steps),
+                                         seed=self.seed, max_len=self.data.train.history.shape[1])
+      histories = [h[h >= 0] for h in users.history]
+      out["sasrec"] = _metrics_from_scores(baselines_lib.sasrec_scores(model, histories), users,
+                                           ks)
+    if "history" in names and users.prompt_text and self.data.train.prompt_text:
+      out["history"] = self.history_baseline(users, ks)
     return out
+
+  def history_baseline(self, users: UserSplit, ks) -> dict[str, float]:
+    """Raw prompts as queries, embedded by a copy of the decoder fine-tuned on them.
+
+    The copy starts from the current decoder weights and runs
+    ``eval.history_baseline_steps`` InfoNCE steps on (train prompt, target item)
+    pairs; the decoder of the run itself is left untouched.
+    """
+    max_len = int(self.config.data.decoder_max_len)
+
+    def tokens_of(split: UserSplit):
+      return embedder_lib.tokenize_texts(self.decoder_tokenizer, split.prompt_text, max_len)
+
+    graphdef, params = nnx.split(self.decoder_state.model)
+    model = nnx.merge(graphdef, jax.tree.map(jnp.copy, params))  # the CL step donates its state
+    copy = state_lib.TrainState.create(
+        model, state_lib.adamw(self.config.cl, 1),
+        self.decoder_state.wrt, self.mesh, self.rules)
+    step = contrastive.make_cl_step(copy, self.mesh, temperature=float(self.config.cl.temperature),
+                                    micro_batch_size=int(self.config.cl.micro_batch_size),
+                                    rules=self.rules)
+    train = self.data.train
+    q_tokens, q_mask = tokens_of(train)
+    batch_size = min(int(self.config.cl.batch_size), len(train))
+    batch_size -= batch_size % parallel.data_parallel_size(self.mesh, self.rules)
+    for i in range(int(self.config.eval.history_baseline_steps)):
+      index = _rng_for(self.seed, 20_000, i).permutation(len(train))[:batch_size]
+      batch = {"profile_tokens": q_tokens[index], "profile_mask": q_mask[index],
+               "item_tokens": self.data.item_tokens[train.target[index]],
+               "item_mask": self.data.item_mask[train.target[index]],
+               "item_ids": train.target[index]}
+      copy.state, _ = step(copy.state, parallel.global_batch(batch, self.mesh, self.rules))
+    graphdef = copy.graphdef
+
+    @jax.jit
+    def embed(state, tokens, mask):
+      with parallel.use_mesh(self.mesh, self.rules):
+        return nnx.merge(graphdef, state)[0](tokens, mask)
+
+    embed_fn = lambda t, m: embed(copy.state, t, m)
+    batch = int(self.config.decoder.embed_batch_size)
+    item_emb = retrieval.embed_catalogue(embed_fn, self.data.item_tokens, self.data.item_mask,
+                                         batch, mesh=self.mesh, desc="history baseline: items")
+    query_emb = retrieval.embed_catalogue(embed_fn, *tokens_of(users), batch, mesh=self.mesh,
+                                          desc="history baseline: prompts")
+    ranks = retrieval.rank_users(query_emb, item_emb, users.target, users.history, mesh=self.mesh)
+    return _metrics_from_ranks(ranks, ks, self.data.num_items)
 
   def _write_records(self, tag: str, users: UserSplit, profiles, ranks) -> None:
     path = os.path.join(self.workdir, "profiles", f"{tag}.jsonl")

@@ -21,7 +21,10 @@ matplotlib.use("Agg")  # headless: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
 METRIC_COLUMNS = ("Recall", "NDCG", "MRR")
-_BASELINE_ORDER = ("random", "popularity", "reference_query")
+# Baselines in table order, with their display names (design §6).
+_BASELINES = (("random", "random"), ("popularity", "popularity"), ("sasrec", "SASRec"),
+              ("reference_query", "reference query (last item)"),
+              ("history", "raw history (fine-tuned decoder)"))
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -38,7 +41,7 @@ def method_rows(history: Sequence[dict]) -> dict[str, dict[str, float]]:
     for name, values in entry["results"].items():
       rows[name] = values
   evaluations = [e["tag"] for e in history if e["tag"].startswith("iteration_")]
-  ordered = {name: rows[name] for name in _BASELINE_ORDER if name in rows}
+  ordered = {label: rows[name] for name, label in _BASELINES if name in rows}
   if "zero_shot" in rows:
     ordered["zero-shot profiles"] = rows["zero_shot"]
   if evaluations:
