@@ -239,7 +239,7 @@ def _run_worker(name: str, argv: list[str]) -> dict:
 def _table(args, res) -> str:
   js, ts, jt, tt = res["jax_sample"], res["torch_sample"], res["jax_train"], res["torch_train"]
   lines = [
-      f"# Sampling and LoRA training: ours (JAX) vs HF transformers (torch), CPU float32",
+      "# Sampling and LoRA training: ours (JAX) vs HF transformers (torch), CPU float32",
       "",
       f"SmolLM2-135M-Instruct, prompts {args.prompt_len} tokens, {args.new_tokens} new tokens "
       f"(greedy, min_new_tokens = max_new_tokens), {os.cpu_count()} CPU cores.",

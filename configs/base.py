@@ -8,15 +8,12 @@ from this file and change what the paper changes.
 
 import ml_collections
 
-MOVIES_TV_INSTRUCTION = (
-    "The user has rated (out of 5.0) and reviewed following movies and TV shows arranged "
-    "chronologically from the oldest (top) to the newest (bottom). Please provide a "
-    "high-level summary of the user preference in detail.")
-BOOKS_INSTRUCTION = MOVIES_TV_INSTRUCTION.replace("movies and TV shows", "books")
-MOVIELENS_INSTRUCTION = (
-    "The user has rated (out of 5.0) following movies arranged chronologically from the "
-    "oldest (top) to the newest (bottom). Please provide a high-level summary of the user "
-    "preference in detail.")
+# The paper's instructions (design §2 step 7); the data package owns the texts.
+from langptune_jax.data.prompts import (  # noqa: E402,F401  (re-exported for configs)
+  BOOKS_INSTRUCTION,
+  MOVIELENS_INSTRUCTION,
+  MOVIES_TV_INSTRUCTION,
+)
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -24,7 +24,6 @@ from typing import Any, Sequence
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from langptune_jax import parallel

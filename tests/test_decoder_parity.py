@@ -1,14 +1,13 @@
 """Decoder parity with transformers+torch: tiny random Llama/Gemma 1/2/3, KV cache,
 left padding, sharded forward, and real GGUF weights (slow)."""
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 import torch
 import transformers
-
-import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from langptune_jax import parallel

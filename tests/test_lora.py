@@ -60,13 +60,30 @@ def test_apply_lora_targets_and_zero_init():
   assert sorted(p.split("/")[-1] for p in adapted) == ["q_proj"] * 3 + ["v_proj"] * 3
 
 
-def test_apply_lora_tied_head_warns_and_bad_target_raises():
+def test_lora_on_a_tied_head_adapts_the_output_projection_only():
   model = tiny(tie=True)
-  with pytest.warns(UserWarning, match="lm_head"):
-    adapted = lora.apply_lora(model, rank=2, alpha=4.0, rngs=nnx.Rngs(1))
-  assert len(adapted) == 3 * 7
+  base = logits(model)
+  embedding = np.asarray(model.embedder.embedding.get_value()).copy()
+  adapted = lora.apply_lora(model, rank=2, alpha=4.0, rngs=nnx.Rngs(1))
+  assert len(adapted) == 3 * 7 + 1 and adapted[-1] == "head_lora"
+  np.testing.assert_allclose(logits(model), base, atol=1e-6)  # B starts at zero
+  head_b = model.head_lora.lora_b
+  head_b.set_value(jnp.ones_like(head_b.get_value()))
+  changed = logits(model)
+  assert np.abs(changed - base).max() > 1e-2
+  with lora.adapters_off():
+    np.testing.assert_allclose(logits(model), base, atol=1e-6)
+  # The input embedding table is untouched: only the head sees the adapter.
+  np.testing.assert_array_equal(np.asarray(model.embedder.embedding.get_value()), embedding)
+  with pytest.raises(ValueError, match="cannot be merged"):
+    lora.merge_lora(model)
+
+
+def test_bad_lora_targets_raise():
   with pytest.raises(ValueError, match="unknown"):
     lora.apply_lora(tiny(tie=True), targets=("q", "qkv"), rank=2, alpha=4.0, rngs=nnx.Rngs(1))
+  model = tiny(tie=False)
+  lora.apply_lora(model, targets=("q",), rank=2, alpha=4.0, rngs=nnx.Rngs(1))
   with pytest.raises(ValueError, match="already has an adapter"):
     lora.apply_lora(model, targets=("q",), rank=2, alpha=4.0, rngs=nnx.Rngs(1))
 

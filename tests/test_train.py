@@ -14,8 +14,10 @@ import planted  # noqa: E402
 import tiny  # noqa: E402
 
 from langptune_jax import parallel  # noqa: E402
-from langptune_jax.train import loop  # noqa: E402
-from langptune_jax.train import losses  # noqa: E402
+from langptune_jax.train import (
+  loop,  # noqa: E402
+  losses,  # noqa: E402
+)
 
 
 def planted_config(**overrides):

@@ -3,15 +3,15 @@
 import json
 import shutil
 
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
 import transformers
-
-import jax.numpy as jnp
 from flax import nnx
 
+from langptune_jax.models import lora
 from langptune_jax.models import transformer as tr
 from langptune_jax.weights import export
 from langptune_jax.weights import hf as hf_weights
@@ -152,6 +152,11 @@ def test_export_round_trip_with_lora(request, tmp_path, fixture):
       b = lin.lora.lora_b
       b.set_value(0.3 * jnp.asarray(np.random.RandomState(1).randn(*b.get_value().shape),
                                     jnp.float32))
+  if config.tie_embeddings:  # a LoRA on the tied head is exported as an untied lm_head
+    lora.apply_lora(model, targets=("lm_head",), rank=2, alpha=4.0, rngs=rngs)
+    b = model.head_lora.lora_b
+    b.set_value(0.3 * jnp.asarray(np.random.RandomState(2).randn(*b.get_value().shape),
+                                  jnp.float32))
   adapted = _ours(model, tokens)
   assert np.abs(adapted - base).max() > 1e-2  # the adapters matter
   out = export.export_decoder(model, tmp_path / "exported", tokenizer_dir=None)

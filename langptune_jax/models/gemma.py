@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from langptune_jax.models import llama
-from langptune_jax.models import transformer
+from langptune_jax.models import llama, transformer
 from langptune_jax.models.transformer import Decoder, DecoderConfig  # noqa: F401 (re-export)
 
 # HF model_type -> our family.

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import warnings
 from typing import Sequence
 
 import jax
@@ -107,8 +106,17 @@ def apply_lora(model: nnx.Module, *,
       linear.add_lora(rank=rank, alpha=alpha, dropout=dropout, rngs=rngs)
       adapted.append("/".join(map(str, path)))
   if "lm_head" in targets and not any(p == "lm_head" for p in adapted):
-    warnings.warn("lora.targets has 'lm_head' but the model ties its output head to the "
-                  "embeddings (no lm_head layer); no adapter added there", stacklevel=2)
+    if not hasattr(model, "head_lora"):
+      raise ValueError("lora.targets has 'lm_head' but the model has no output head layer")
+    if model.head_lora is not None:
+      raise ValueError("apply_lora: head_lora already has an adapter")
+    # Tied embeddings: the adapter acts on the output projection only.
+    table = model.embedder.embedding
+    vocab, embed_dim = table.get_value().shape
+    model.head_lora = nnx.data(LoRA(embed_dim, vocab, rank=rank, alpha=alpha, dropout=dropout,
+                                    axes=("embed", "vocab"),
+                                    param_dtype=table.get_value().dtype, rngs=rngs))
+    adapted.append("head_lora")
   missing = {t for t in targets if t != "lm_head"
              and not any(p.endswith("/" + TARGET_LAYERS[t]) for p in adapted)}
   if missing:
@@ -131,4 +139,7 @@ def merge_lora(model: nnx.Module) -> int:
     linear.kernel.set_value((kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
     linear.lora = nnx.data(None)
     merged += 1
+  if getattr(model, "head_lora", None) is not None:
+    raise ValueError("merge_lora: the adapter of a tied output head cannot be merged into the "
+                     "shared embedding; export writes it as an untied lm_head instead")
   return merged

@@ -25,6 +25,7 @@ from flax import nnx
 
 from langptune_jax import parallel
 from langptune_jax.models import layers
+from langptune_jax.models import lora as lora_lib
 
 FAMILIES = ("llama", "gemma", "gemma2", "gemma3")
 ACTIVATIONS = ("silu", "gelu_tanh")
@@ -310,6 +311,10 @@ class Decoder(nnx.Module):
     self.lm_head = (None if c.tie_embeddings else
                     layers.Linear(c.embed_dim, c.vocab_size, axes=("embed", "vocab"),
                                   dtype=c.compute_dtype, param_dtype=c.weight_dtype, rngs=rngs))
+    # With tied embeddings the output head has no layer of its own; a LoRA
+    # target 'lm_head' then adds this adapter to the head only (the input
+    # embedding lookup is unchanged), as PEFT does on a tied lm_head.
+    self.head_lora: lora_lib.LoRA | None = nnx.data(None)
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
     """An empty KV cache of `max_len` slots per row."""
@@ -331,6 +336,8 @@ class Decoder(nnx.Module):
     """Output head (tied or not) and final soft-cap; float32 [..., V]."""
     if self.lm_head is None:
       logits = self.embedder.attend(h)
+      if self.head_lora is not None and lora_lib.adapters_enabled():
+        logits = logits + self.head_lora(h.astype(logits.dtype))
     else:
       logits = self.lm_head(h)
     logits = logits.astype(jnp.float32)

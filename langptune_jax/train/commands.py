@@ -21,7 +21,6 @@ from langptune_jax.data import loader as data_loader
 from langptune_jax.data import prepare as data_prepare
 from langptune_jax.models import bert as bert_lib
 from langptune_jax.models import embedder as embedder_lib
-from langptune_jax.models import lora as lora_lib
 from langptune_jax.observability import MetricsWriter
 from langptune_jax.train import report
 from langptune_jax.train.loop import Trainer
@@ -140,9 +139,7 @@ def export(config, workdir) -> int:
       raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: "
                               "train first")
     out = pathlib.Path(workdir) / "export"
-    encoder = trainer.encoder_state.model
-    lora_lib.merge_lora(encoder)
-    export_lib.export_decoder(encoder, out / "encoder")
+    export_lib.export_decoder(trainer.encoder_state.model, out / "encoder")  # merges LoRA
     _copy_tokenizer(config.encoder.path, out / "encoder")
     decoder_dir = out / "decoder"
     _export_embedder(trainer.decoder_state.model, decoder_dir, config.decoder.path)

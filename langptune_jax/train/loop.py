@@ -35,9 +35,8 @@ from langptune_jax.models import lora as lora_lib
 from langptune_jax.rec import metrics as metrics_lib
 from langptune_jax.rec import retrieval
 from langptune_jax.train import checkpoint as ckpt_lib
-from langptune_jax.train import contrastive
+from langptune_jax.train import contrastive, rlso
 from langptune_jax.train import profiles as profiles_lib
-from langptune_jax.train import rlso
 from langptune_jax.train import state as state_lib
 from langptune_jax.train.run_data import RunData, UserSplit
 
@@ -242,7 +241,7 @@ class Trainer:
                                             desc=f"iteration {iteration}: embedding items")
     item_emb = parallel.put(self.item_embeddings, self.mesh, ("items", None), self.rules)
     users = self.data.train
-    num_prompts, group = int(cfg.prompts_per_update), int(cfg.num_generations)
+    num_prompts = int(cfg.prompts_per_update)
     if len(users) < num_prompts:
       raise ValueError(f"rl.prompts_per_update={num_prompts}: only {len(users)} train users")
     steps_per_epoch = len(users) // num_prompts

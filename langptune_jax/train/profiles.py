@@ -15,8 +15,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from langptune_jax import parallel
-from langptune_jax import sampling
+from langptune_jax import parallel, sampling
 from langptune_jax.models import embedder as embedder_lib
 
 

@@ -17,13 +17,13 @@ the decoder's tokenizer happens on the host between them.
 from __future__ import annotations
 
 import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from langptune_jax import parallel
-from langptune_jax import sampling
+from langptune_jax import parallel, sampling
 from langptune_jax.train import losses
 from langptune_jax.train import state as state_lib
 

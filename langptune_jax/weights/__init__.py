@@ -1,3 +1,3 @@
 """Weight I/O: HF safetensors directories, GGUF files, and export back to HF."""
 
-from langptune_jax.weights.hf import load_decoder, read_config, iter_tensors, load_state  # noqa: F401
+from langptune_jax.weights.hf import iter_tensors, load_decoder, load_state, read_config  # noqa: F401

@@ -80,10 +80,21 @@ def merged_params(model: nnx.Module) -> dict[str, np.ndarray]:
   return out
 
 
+def _exported_config(model: Decoder) -> DecoderConfig:
+  # A LoRA on a tied output head changes the head only: the export unties it.
+  if getattr(model, "head_lora", None) is not None:
+    return model.config.replace(tie_embeddings=False)
+  return model.config
+
+
 def hf_state(model: Decoder, dtype=np.float32) -> dict[str, np.ndarray]:
   """HF tensor name -> array ([out, in] linear weights) of a Decoder."""
   params = merged_params(model)
-  names = hf_weights.hf_names(model.config)
+  if getattr(model, "head_lora", None) is not None:
+    table = params["embedder/embedding"].astype(np.float32)  # [vocab, embed]
+    delta = _to_host(model.head_lora.delta()).astype(np.float32)  # [embed, vocab]
+    params["lm_head/kernel"] = (table.T + delta).astype(params["embedder/embedding"].dtype)
+  names = hf_weights.hf_names(_exported_config(model))
   missing = sorted(set(names) - set(params))
   if missing:
     raise ValueError(f"model has no parameter {missing[0]} needed for export")
@@ -125,7 +136,7 @@ def export_decoder(model: Decoder, out_dir: str | os.PathLike, *, dtype="float32
   try:
     write_safetensors(tmp / hf_weights.SINGLE_FILE, state)
     (tmp / hf_weights.CONFIG_FILE).write_text(
-        json.dumps(config_to_hf(model.config, np_dtype), indent=2))
+        json.dumps(config_to_hf(_exported_config(model), np_dtype), indent=2))
     c = model.config
     gen = {"bos_token_id": c.bos_id, "pad_token_id": c.pad_id,
            "eos_token_id": list(c.eos_ids) if len(c.eos_ids) != 1 else c.eos_ids[0]}

@@ -1,0 +1,563 @@
+"""One RLSO update and one CL step: our jitted training steps vs the same steps in torch (CPU).
+
+The workload is identical on both sides (float32, CPU):
+
+* encoder SmolLM2-135M-Instruct (offline GGUF) with LoRA rank ``--lora_rank`` on
+  q, k, v, o, gate, up, down; decoder all-MiniLM-L6-v2 with mean pooling;
+* ``--prompts`` prompts of ``--prompt_len`` ordinary tokens, ``--group`` samples
+  each, ``--new_tokens`` tokens sampled at temperature 1 (no early stop);
+* a catalogue of ``--items`` MovieLens-100K item texts (``--item_len`` MiniLM
+  tokens), embedded once by the decoder (timed separately);
+* RLSO update = rollout + decode to text + MiniLM re-tokenization + profile
+  embedding + NDCG reward + logp_old / logp_ref (adapters off) + ``--passes``
+  passes of the REBEL loss with one AdamW step each;
+* CL step = InfoNCE over ``--prompts`` (profile text, target item text) pairs
+  through MiniLM (every weight trains), forward + backward + AdamW.
+
+Ours is :class:`langptune_jax.train.loop.Trainer` (``rlso_update``, ``cl_step``);
+torch is HF ``generate`` plus a plain LoRA wrapper, one-forward sequence
+log-probs, the same loss math and ``torch.optim.AdamW``. Each side runs in its
+own subprocess (peak RSS per side); our first call (tracing + XLA compilation)
+is reported separately, then ``--reps`` calls are timed and the median kept.
+Achieved GFLOP/s use the analytic model FLOPs of :mod:`langptune_jax.flops` and
+are compared with a plain float32 matmul measured in the same process.
+
+  .venv/bin/python bench/train_steps.py            # full run (long on a small CPU)
+  .venv/bin/python bench/train_steps.py --quick    # smoke run with tiny shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+KL_COEF, LR_RL, LR_CL, CL_TEMPERATURE, ADAM_EPS = 0.05, 1e-5, 2e-5, 0.1, 1e-6
+HISTORY_LEN = 4
+
+
+def _load_sampling_bench():
+  """bench/sampling.py as a module (bench/ is not a package): its probes and helpers."""
+  spec = importlib.util.spec_from_file_location("bench_sampling", ROOT / "bench" / "sampling.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+_sb = _load_sampling_bench()
+LORA_TARGETS = _sb.LORA_TARGETS
+
+
+# --- the shared workload (both workers build it the same way) ---------------
+
+def _item_texts(count: int) -> list[str]:
+  from langptune_jax import assets
+  path = pathlib.Path(assets.asset_path("ml100k")) / "ml-100k.item"
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: the MovieLens-100K item file is missing")
+  texts = []
+  with open(path, encoding="utf-8", errors="replace") as f:
+    next(f)  # header
+    for line in f:
+      _, title, year, genres = (line.rstrip("\n").split("\t") + ["", "", "", ""])[:4]
+      texts.append(f"{title} ({year}), a movie of the genres {genres.replace(' ', ', ')}.")
+      if len(texts) == count:
+        break
+  if len(texts) < count:
+    raise ValueError(f"--items={count}: {path} has only {len(texts)} items")
+  return texts
+
+
+def _workload(args, vocab: int) -> dict:
+  """Prompts, targets, histories and CL texts, from fixed seeds."""
+  import numpy as np
+  rng = np.random.default_rng(0)
+  items = _item_texts(args.items)
+  targets = rng.choice(args.items, size=args.prompts, replace=False).astype(np.int32)
+  history = np.stack([rng.choice(np.setdiff1d(np.arange(args.items), [t]), HISTORY_LEN,
+                                 replace=False) for t in targets]).astype(np.int32)
+  # CL pairs: a profile-like text built from the history, and the target's text.
+  profiles = ["The user enjoys movies such as " + " ".join(items[i] for i in h) for h in history]
+  return {"prompts": _sb._prompts(args.prompts, args.prompt_len, vocab, seed=0).astype(np.int32),
+          "targets": targets, "history": history, "item_texts": items,
+          "cl_profiles": profiles}
+
+
+def _rlso_flops(config, args) -> float:
+  """Model FLOPs of one RLSO update on the encoder (sampling, scoring, passes).
+
+  Both sides put only the positions that predict a token through the output
+  head (the last prompt position in prefill, the response positions when
+  scoring), so the head's FLOPs of the other prompt positions are taken out.
+  """
+  from langptune_jax import flops
+  rows, p, n = args.prompts * args.group, args.prompt_len, args.new_tokens
+  kw = dict(lora_rank=args.lora_rank, lora_targets=LORA_TARGETS)
+  head = 2.0 * flops.matmul_params(config)["lm_head"]  # forward FLOPs per token
+  prefill = rows * p * flops.forward_flops_per_token(config, p, **kw) - rows * (p - 1) * head
+  decode = rows * n * flops.decode_flops_per_token(config, p + (n + 1) / 2, **kw)
+  score = rows * (p + n) * flops.forward_flops_per_token(config, p + n, **kw) - rows * p * head
+  # Backward through the frozen head: activation gradients only (as much as its forward).
+  train = (rows * (p + n) * flops.train_flops_per_token(config, p + n, **kw)
+           - 2 * rows * p * head)
+  return prefill + decode + 2 * score + args.passes * train
+
+
+def _cl_flops(bert_config, args) -> float:
+  from langptune_jax import flops
+  return (args.prompts * args.profile_len * flops.train_flops_per_token(bert_config,
+                                                                        args.profile_len)
+          + args.prompts * args.item_len * flops.train_flops_per_token(bert_config, args.item_len))
+
+
+def _bert_config(path):
+  import types
+  with open(pathlib.Path(path) / "config.json") as f:
+    return types.SimpleNamespace(family="bert", **json.load(f))
+
+
+def _timed(fn, reps: int) -> list[float]:
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+# --- ours -------------------------------------------------------------------
+
+def worker_jax(args) -> dict:
+  import jax
+  import numpy as np
+  sys.path.insert(0, str(ROOT / "configs"))
+  import demo  # pylint: disable=g-import-not-at-top
+
+  from langptune_jax import assets, parallel
+  from langptune_jax.models import embedder as embedder_lib
+  from langptune_jax.train import loop
+  from langptune_jax.train import profiles as profiles_lib
+  from langptune_jax.train.run_data import RunData, UserSplit
+  from langptune_jax.weights import hf
+  from langptune_jax.weights import tokenizer as tok_lib
+
+  cfg = demo.get_config()
+  cfg.checkpoint.enabled = False
+  cfg.mesh.update(data=1, fsdp=1, tensor=1)
+  cfg.lora.update(rank=args.lora_rank, alpha=2.0 * args.lora_rank, targets=LORA_TARGETS)
+  cfg.rl.update(lr=LR_RL, kl_coef=KL_COEF, prompts_per_update=args.prompts,
+                num_generations=args.group, num_ppo_epochs=args.passes,
+                response_length=args.new_tokens, temperature=1.0, top_k=0, top_p=1.0,
+                stop_at_eos=False, micro_batch_size=0, adam_eps=ADAM_EPS)
+  cfg.cl.update(lr=LR_CL, batch_size=args.prompts, temperature=CL_TEMPERATURE,
+                micro_batch_size=0, adam_eps=ADAM_EPS)
+  cfg.data.decoder_max_len = args.profile_len
+  mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
+
+  start = time.perf_counter()
+  encoder, enc_config = hf.load_decoder(assets.asset_path("smollm2"), dtype="float32",
+                                        param_dtype="float32")
+  minilm = assets.asset_path("minilm")
+  decoder = embedder_lib.load_embedder("bert", minilm, pooling="mean")
+  enc_tok = tok_lib.load_tokenizer(assets.asset_path("smollm2"))
+  dec_tok = tok_lib.load_tokenizer(minilm)
+  w = _workload(args, enc_config.vocab_size)
+  item_tokens, item_mask = embedder_lib.tokenize_texts(dec_tok, w["item_texts"], args.item_len)
+  users = UserSplit(np.arange(args.prompts, dtype=np.int32), w["prompts"],
+                    np.ones_like(w["prompts"], bool), w["history"], w["targets"])
+  data = RunData(users, users, users, item_tokens, item_mask, w["item_texts"])
+  trainer = loop.Trainer(cfg, str(pathlib.Path(args.tmpdir) / "jax"), data=data, encoder=encoder,
+                         decoder=decoder, encoder_tokenizer=enc_tok, decoder_tokenizer=dec_tok,
+                         mesh=mesh)
+  load_s = time.perf_counter() - start
+  out = {"load_s": load_s}
+
+  # Catalogue: embedded once (first call compiles; the second is the timing).
+  embed = lambda: trainer.embed_texts(item_tokens, item_mask, "items")  # noqa: E731
+  embed()  # compiles
+  out["catalogue_s"] = _timed(embed, 1)[0]
+  item_emb = parallel.put(embed(), mesh, ("items", None), trainer.rules)
+
+  calls, rl_metrics = iter(range(10_000)), []
+
+  def rlso():
+    i = next(calls)
+    rl_metrics.append(trainer.rlso_update(users, item_emb, jax.random.key(i),
+                                          np.random.default_rng(i)))
+
+  first = _timed(rlso, 1)[0]
+  times = _timed(rlso, args.reps)
+  out["rlso"] = {"times": times, "seconds": statistics.median(times),
+                 "compile_s": max(first - statistics.median(times), 0.0),
+                 "reward": rl_metrics[-1]["reward"], "loss": rl_metrics[-1]["loss"]}
+
+  # The rollout alone (sampling 16 x new_tokens), to split the update's time.
+  with parallel.use_mesh(mesh, trainer.rules):
+    rows = np.repeat(w["prompts"], args.group, axis=0)
+
+    def rollout():
+      res = profiles_lib.generate(trainer.encoder_state.model, rows, np.ones_like(rows, bool),
+                                  trainer.sampling, jax.random.key(next(calls)))
+      jax.block_until_ready(res.tokens)
+      assert int(np.asarray(res.response_mask).sum()) == rows.shape[0] * args.new_tokens
+
+    out["rollout_s"] = statistics.median(_timed(rollout, args.reps))
+
+  ptok, pmask = embedder_lib.tokenize_texts(dec_tok, w["cl_profiles"], args.profile_len)
+  batch = parallel.global_batch({
+      "profile_tokens": ptok, "profile_mask": pmask, "item_tokens": item_tokens[w["targets"]],
+      "item_mask": item_mask[w["targets"]], "item_ids": w["targets"]}, mesh, trainer.rules)
+  losses = []
+
+  def cl():
+    trainer.decoder_state.state, metrics = trainer.cl_step(trainer.decoder_state.state, batch)
+    losses.append(float(metrics["loss"]))  # float() waits for the step
+
+  first = _timed(cl, 1)[0]
+  times = _timed(cl, args.reps)
+  out["cl"] = {"times": times, "seconds": statistics.median(times),
+               "compile_s": max(first - statistics.median(times), 0.0), "losses": losses}
+  out["rlso"]["flops"] = _rlso_flops(enc_config, args)
+  out["cl"]["flops"] = _cl_flops(_bert_config(minilm), args)
+  out["matmul_flops"] = _sb._jax_matmul_flops(args.matmul_n)
+  out["peak_rss_mib"] = _sb._peak_rss_mib()
+  out["versions"] = {"jax": jax.__version__, "flax": importlib.import_module("flax").__version__}
+  return out
+
+
+# --- torch ------------------------------------------------------------------
+
+def _torch_lora(model, rank: int, alpha: float):
+  """Wraps q/k/v/o/gate/up/down in LoRA (B = 0 at init); returns a switch for the adapters."""
+  import torch
+
+  switch = {"on": True}
+
+  class LoRALinear(torch.nn.Module):
+    """base(x) + (x @ A) @ B * alpha / r while the switch is on."""
+
+    def __init__(self, base):
+      super().__init__()
+      self.base = base
+      self.a = torch.nn.Parameter(torch.randn(base.in_features, rank) / base.in_features ** 0.5)
+      self.b = torch.nn.Parameter(torch.zeros(rank, base.out_features))
+      self.scale = alpha / rank
+
+    def forward(self, x):
+      y = self.base(x)
+      return y + (x @ self.a) @ self.b * self.scale if switch["on"] else y
+
+  names = {f"{t}_proj" for t in LORA_TARGETS}
+  for module in list(model.modules()):
+    for name, child in list(module.named_children()):
+      if name in names and isinstance(child, torch.nn.Linear):
+        setattr(module, name, LoRALinear(child))
+  return switch
+
+
+def worker_torch(args) -> dict:
+  import numpy as np
+  import torch
+  import transformers
+
+  from langptune_jax import assets
+  from langptune_jax.weights import tokenizer as tok_lib
+
+  if args.torch_threads:
+    torch.set_num_threads(args.torch_threads)
+  torch.manual_seed(0)
+  start = time.perf_counter()
+  gguf = pathlib.Path(assets.asset_path("smollm2"))
+  lm = transformers.AutoModelForCausalLM.from_pretrained(
+      str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+  lm.eval()  # no dropout in SmolLM2; eval() only silences train-mode checks
+  for param in lm.parameters():
+    param.requires_grad_(False)
+  lora_switch = _torch_lora(lm, args.lora_rank, 2.0 * args.lora_rank)
+  lora_params = [p for p in lm.parameters() if p.requires_grad]
+  lm_opt = torch.optim.AdamW(lora_params, lr=LR_RL, eps=ADAM_EPS, weight_decay=0.0)
+  minilm = assets.asset_path("minilm")
+  # eval(): our BERT has no dropout, so torch's must not drop either (gradients still flow).
+  bert = transformers.BertModel.from_pretrained(minilm, add_pooling_layer=False).eval()
+  bert_opt = torch.optim.AdamW(bert.parameters(), lr=LR_CL, eps=ADAM_EPS, weight_decay=0.0)
+  enc_tok = tok_lib.load_tokenizer(str(gguf))
+  dec_tok = transformers.AutoTokenizer.from_pretrained(minilm)
+  w = _workload(args, lm.config.vocab_size)
+  load_s = time.perf_counter() - start
+  out = {"load_s": load_s}
+
+  def tokenize(texts, length):
+    enc = dec_tok(texts, padding="max_length", truncation=True, max_length=length,
+                  return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+  def embed(tokens, mask):
+    hidden = bert(input_ids=tokens, attention_mask=mask).last_hidden_state
+    m = mask[..., None].to(hidden.dtype)
+    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+  item_tokens, item_mask = tokenize(w["item_texts"], args.item_len)
+
+  def embed_catalogue():
+    with torch.no_grad():
+      return torch.cat([embed(item_tokens[i:i + 64], item_mask[i:i + 64])
+                        for i in range(0, args.items, 64)])
+
+  embed_catalogue()
+  out["catalogue_s"] = _timed(embed_catalogue, 1)[0]
+  item_emb = embed_catalogue()
+
+  g, p, n = args.group, args.prompt_len, args.new_tokens
+  prompts = torch.tensor(np.repeat(w["prompts"], g, axis=0), dtype=torch.long)
+  targets = torch.tensor(np.repeat(w["targets"], g), dtype=torch.long)
+  history = torch.tensor(np.repeat(w["history"], g, axis=0), dtype=torch.long)
+  rows = prompts.shape[0]
+
+  def sequence_logprobs(tokens, with_entropy):
+    """Sum of response-token log-probs; only response positions go through the head."""
+    hidden = lm.model(input_ids=tokens).last_hidden_state[:, p - 1:p + n - 1]
+    logp = torch.log_softmax(lm.lm_head(hidden).float(), dim=-1)  # temperature 1
+    picked = logp.gather(-1, tokens[:, p:, None])[..., 0].sum(-1)
+    if not with_entropy:
+      return picked, None
+    return picked, -(logp.exp() * logp).sum(-1).mean(-1)
+
+  def rollout(new_tokens):
+    with torch.no_grad():
+      return lm.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True,
+                         top_k=0, top_p=1.0, temperature=1.0, min_new_tokens=new_tokens,
+                         max_new_tokens=new_tokens, pad_token_id=lm.config.eos_token_id)
+
+  def rlso_update(new_tokens=n, passes=args.passes):
+    seqs = rollout(new_tokens)
+    assert seqs.shape == (rows, p + new_tokens), seqs.shape
+    texts = [t.strip() for t in enc_tok.batch_decode(seqs[:, p:].tolist(),
+                                                     skip_special_tokens=True)]
+    ptok, pmask = tokenize(texts, args.profile_len)
+    truncated = pmask[:, -1].bool()
+    with torch.no_grad():
+      scores = embed(ptok, pmask) @ item_emb.T
+      scores.scatter_(1, history, float("-inf"))
+      target_score = scores.gather(1, targets[:, None])
+      rank = 1 + (scores > target_score).sum(-1)
+      reward = torch.where(truncated, 0.0, 1.0 / torch.log2(rank.float() + 1.0))
+      logp_old, _ = sequence_logprobs(seqs, True)
+      lora_switch["on"] = False
+      logp_ref, _ = sequence_logprobs(seqs, False)
+      lora_switch["on"] = True
+      total = reward - KL_COEF * (logp_old - logp_ref)
+      total = (total - total.mean()) / torch.sqrt(total.var(unbiased=False) + 1e-8)
+    rng = np.random.default_rng(0)
+    losses = []
+    for _ in range(passes):
+      order = rng.permutation(rows // g)
+      index = torch.tensor((order[:, None] * g + np.arange(g)[None, :]).reshape(-1))
+      lm_opt.zero_grad(set_to_none=True)
+      logp_new, _ = sequence_logprobs(seqs[index], True)
+      d = ((logp_new - logp_old[index]) - total[index]).reshape(-1, g)
+      j, k = np.triu_indices(g, k=1)
+      loss = torch.square(d[:, j] - d[:, k]).mean()
+      loss.backward()
+      lm_opt.step()
+      losses.append(float(loss))
+    return {"reward": float(reward.mean()), "loss": float(np.mean(losses))}
+
+  # Warm-up on the same code path with a short rollout and one pass (torch has no compile).
+  rlso_update(new_tokens=2, passes=1)
+  rl_metrics = []
+  times = _timed(lambda: rl_metrics.append(rlso_update()), args.reps)
+  out["rlso"] = {"times": times, "seconds": statistics.median(times),
+                 "reward": rl_metrics[-1]["reward"], "loss": rl_metrics[-1]["loss"]}
+  out["rollout_s"] = statistics.median(_timed(lambda: rollout(n), args.reps))
+
+  ptok, pmask = tokenize(w["cl_profiles"], args.profile_len)
+  itok, imask = item_tokens[w["targets"]], item_mask[w["targets"]]
+  ids = torch.tensor(w["targets"])
+  losses = []
+
+  def cl_step():
+    bert_opt.zero_grad(set_to_none=True)
+    logits = embed(ptok, pmask) @ embed(itok, imask).T / CL_TEMPERATURE
+    eye = torch.eye(len(ids), dtype=torch.bool)
+    logits = logits.masked_fill((ids[:, None] == ids[None, :]) & ~eye, float("-inf"))
+    loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(ids)))
+    loss.backward()
+    bert_opt.step()
+    losses.append(float(loss))
+
+  cl_step()  # warm-up
+  times = _timed(cl_step, args.reps)
+  out["cl"] = {"times": times, "seconds": statistics.median(times), "losses": losses}
+  out["matmul_flops"] = _sb._torch_matmul_flops(args.matmul_n)
+  out["peak_rss_mib"] = _sb._peak_rss_mib()
+  out["threads"] = torch.get_num_threads()
+  out["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
+  return out
+
+
+WORKERS = {"jax": worker_jax, "torch": worker_torch}
+
+
+# --- driver -----------------------------------------------------------------
+
+def _run_worker(name: str, argv: list[str]) -> dict:
+  print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+  env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+             TOKENIZERS_PARALLELISM="false", JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # one CPU device, as torch sees the machine
+  start = time.perf_counter()
+  proc = subprocess.run([sys.executable, __file__, "--worker", name] + argv, env=env,
+                        stdout=subprocess.PIPE, text=True, cwd=ROOT)
+  if proc.returncode:
+    raise SystemExit(f"bench worker {name} failed (exit {proc.returncode}); see stderr above")
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  result["wall_s"] = time.perf_counter() - start
+  result["loadavg_after"] = os.getloadavg()
+  return result
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or "unknown CPU"
+
+
+def _table(args, res: dict, loadavg_before, command: str) -> str:
+  js, ts = res["jax"], res["torch"]
+  rows_n = args.prompts * args.group
+  lines = [
+      "# Training steps: ours (JAX) vs torch, CPU float32",
+      "",
+      f"Command: `{command}`",
+      "",
+      f"Machine: {_cpu_model()}, {os.cpu_count()} cores; load average (1, 5, 15 min) before "
+      f"{', '.join(f'{x:.2f}' for x in loadavg_before)}, after ours "
+      f"{', '.join(f'{x:.2f}' for x in js['loadavg_after'])}, after torch "
+      f"{', '.join(f'{x:.2f}' for x in ts['loadavg_after'])}.",
+      f"Versions: python {platform.python_version()}, jax {js['versions']['jax']}, flax "
+      f"{js['versions']['flax']}, torch {ts['versions']['torch']} ({ts['threads']} threads), "
+      f"transformers {ts['versions']['transformers']}.",
+      "",
+      f"Workload: SmolLM2-135M-Instruct + LoRA r={args.lora_rank} (q, k, v, o, gate, up, down), "
+      f"all-MiniLM-L6-v2 (mean pooling). RLSO: {args.prompts} prompts x G={args.group} = "
+      f"{rows_n} rows, {args.prompt_len}-token prompts, {args.new_tokens} tokens sampled at "
+      f"temperature 1 (no early stop), profiles re-tokenized to {args.profile_len} MiniLM tokens, "
+      f"NDCG reward over {args.items} items ({args.item_len} tokens), logp_old + logp_ref, "
+      f"{args.passes} REBEL passes with one AdamW step each. CL: InfoNCE over {args.prompts} "
+      f"(profile {args.profile_len} tokens, item {args.item_len} tokens) pairs, full MiniLM "
+      f"fine-tuning. Median of {args.reps} timed call(s) after a warm-up.",
+      f"Plain {args.matmul_n}^3 float32 matmul in the same processes: JAX "
+      f"{js['matmul_flops'] / 1e9:.1f} GFLOP/s, torch {ts['matmul_flops'] / 1e9:.1f} GFLOP/s.",
+      "",
+      "| step | ours | torch | ratio (torch / ours) | ours GFLOP/s (of matmul) "
+      "| torch GFLOP/s (of matmul) | our compile (s) |",
+      "|---|---|---|---|---|---|---|",
+  ]
+  for key, label in (("rlso", "RLSO update"), ("cl", "CL step")):
+    ours, theirs = js[key], ts[key]
+    f = ours["flops"]
+    a, b = f / ours["seconds"], f / theirs["seconds"]
+    lines.append(
+        f"| {label} | {ours['seconds']:.2f} s | {theirs['seconds']:.2f} s "
+        f"| {theirs['seconds'] / ours['seconds']:.2f}x | {a / 1e9:.1f} "
+        f"({a / js['matmul_flops']:.0%}) | {b / 1e9:.1f} ({b / ts['matmul_flops']:.0%}) "
+        f"| {ours['compile_s']:.1f} |")
+  lines.append(
+      f"| of which rollout ({rows_n} x {args.new_tokens} tokens) | {js['rollout_s']:.2f} s "
+      f"| {ts['rollout_s']:.2f} s | {ts['rollout_s'] / js['rollout_s']:.2f}x | | | |")
+  lines.append(
+      f"| catalogue embedding ({args.items} items, not in the update) | "
+      f"{js['catalogue_s']:.2f} s | {ts['catalogue_s']:.2f} s "
+      f"| {ts['catalogue_s'] / js['catalogue_s']:.2f}x | | | |")
+  lines += [
+      "",
+      f"Peak RSS (whole process, including loading and dequantizing the GGUF): ours "
+      f"{js['peak_rss_mib']:.0f} MiB, torch {ts['peak_rss_mib']:.0f} MiB. Model loading: ours "
+      f"{js['load_s']:.1f} s, torch {ts['load_s']:.1f} s. Per-call times (s): ours RLSO "
+      f"{', '.join(f'{t:.2f}' for t in js['rlso']['times'])}, torch RLSO "
+      f"{', '.join(f'{t:.2f}' for t in ts['rlso']['times'])}; ours CL "
+      f"{', '.join(f'{t:.3f}' for t in js['cl']['times'])}, torch CL "
+      f"{', '.join(f'{t:.3f}' for t in ts['cl']['times'])}.",
+      "",
+      f"Model FLOPs per call (langptune_jax.flops, same count for both sides): RLSO "
+      f"{js['rlso']['flops'] / 1e12:.2f} TFLOP (prefill + decode + 2 scoring forwards + "
+      f"{args.passes} x forward/backward), CL {js['cl']['flops'] / 1e9:.1f} GFLOP. "
+      "Our compile time is the first call minus the median warm call. The torch warm-up "
+      "is one short update (2 new tokens, 1 pass) and one CL step.",
+      "",
+      f"Sanity (last timed call): mean task reward ours {js['rlso']['reward']:.3f}, torch "
+      f"{ts['rlso']['reward']:.3f} (sampled profiles differ: different random streams); "
+      f"REBEL loss ours {js['rlso']['loss']:.4f}, torch {ts['rlso']['loss']:.4f}; CL losses "
+      f"ours {', '.join(f'{x:.4f}' for x in js['cl']['losses'])}, torch "
+      f"{', '.join(f'{x:.4f}' for x in ts['cl']['losses'])} (same inputs and initial weights).",
+  ]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--prompts", type=int, default=8)
+  parser.add_argument("--group", type=int, default=2)
+  parser.add_argument("--prompt_len", type=int, default=128)
+  parser.add_argument("--new_tokens", type=int, default=64)
+  parser.add_argument("--passes", type=int, default=4)
+  parser.add_argument("--lora_rank", type=int, default=16)
+  parser.add_argument("--items", type=int, default=256)
+  parser.add_argument("--item_len", type=int, default=24)
+  parser.add_argument("--profile_len", type=int, default=96)
+  parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--matmul_n", type=int, default=2048)
+  parser.add_argument("--torch_threads", type=int, default=0,
+                      help="torch.set_num_threads; 0: torch's default (one per core)")
+  parser.add_argument("--out", default=str(ROOT / "bench/results/train_steps.md"))
+  parser.add_argument("--tmpdir", default="/tmp/langptune_bench_train_steps")
+  parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run")
+  parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.prompts, args.prompt_len, args.new_tokens, args.passes = 2, 16, 8, 2
+    args.items, args.item_len, args.profile_len, args.reps, args.matmul_n = 16, 16, 24, 1, 512
+  for name in ("prompts", "prompt_len", "new_tokens", "passes", "reps", "items", "item_len",
+               "profile_len", "lora_rank"):
+    if getattr(args, name) < 1:
+      raise SystemExit(f"--{name}={getattr(args, name)}: must be >= 1")
+  if args.group < 2:
+    raise SystemExit(f"--group={args.group}: REBEL needs at least 2 samples per prompt")
+  if args.items < args.prompts + HISTORY_LEN:
+    raise SystemExit(f"--items={args.items}: need at least --prompts + {HISTORY_LEN}")
+  sys.path.insert(0, str(ROOT))
+  if args.worker:
+    print(json.dumps(WORKERS[args.worker](args)))
+    return
+  passthrough = [f"--{k}={getattr(args, k)}" for k in (
+      "prompts", "group", "prompt_len", "new_tokens", "passes", "lora_rank", "items", "item_len",
+      "profile_len", "reps", "matmul_n", "torch_threads", "tmpdir")]
+  loadavg = os.getloadavg()
+  results = {name: _run_worker(name, passthrough) for name in WORKERS}
+  command = " ".join([".venv/bin/python bench/train_steps.py"] + sys.argv[1:])
+  table = _table(args, results, loadavg, command)
+  print(table)
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_suffix(".tmp")
+  tmp.write_text(table)
+  tmp.replace(out)  # atomic
+  out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+  main()
