@@ -47,7 +47,7 @@ bench-prepare: install assets
 	$(PY) bench/prepare.py $(BENCH_ARGS)
 
 bench-train: install assets
-	$(PY) bench/train.py $(BENCH_ARGS)
+	$(PY) bench/train_steps.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(STAMP) build dist .pytest_cache .ruff_cache

@@ -57,19 +57,71 @@ def _jax_matmul_flops(n: int) -> float:
   return 2.0 * n ** 3 * reps / (time.perf_counter() - start)
 
 
-def _torch_matmul_flops(n: int) -> float:
+def _torch_device(args):
   import torch
-  a = torch.ones(n, n)
+  return torch.device("cuda" if args.device == "gpu" else "cpu")
+
+
+def _sync(device) -> None:
+  # CUDA kernels run asynchronously: wait for them before reading the clock.
+  if device.type == "cuda":
+    import torch
+    torch.cuda.synchronize()
+
+
+def _torch_matmul_flops(n: int, device=None) -> float:
+  import torch
+  device = device or torch.device("cpu")
+  a = torch.ones(n, n, device=device)
   a @ a
+  _sync(device)
   reps, start = 5, time.perf_counter()
   for _ in range(reps):
     a @ a
+  _sync(device)
   return 2.0 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+def _random_smollm2_dir() -> str:
+  """An HF directory with SmolLM2-135M's architecture and random weights (seeded)."""
+  import tempfile
+
+  import torch
+  import transformers
+  config = transformers.LlamaConfig(
+      vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+      num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5, rope_theta=100000.0,
+      max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+      pad_token_id=2)
+  torch.manual_seed(0)
+  path = tempfile.mkdtemp(prefix="smollm2_random_")
+  transformers.LlamaForCausalLM(config).save_pretrained(path)
+  return path
+
+
+def _load_torch_model(args):
+  import torch
+  import transformers
+  path = pathlib.Path(args.model)
+  if path.is_dir():
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+  else:
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32)
+  return model.to(_torch_device(args))
+
+
+def _jax_setup(args) -> None:
+  import jax
+  if args.device == "gpu":
+    # torch multiplies float32 in full precision by default; so does this side then.
+    jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def worker_jax_sample(args) -> dict:
   import jax
   import numpy as np
+  _jax_setup(args)
 
   from langptune_jax import flops, sampling
   from langptune_jax.weights import hf
@@ -99,20 +151,21 @@ def worker_jax_sample(args) -> dict:
 
 def worker_torch_sample(args) -> dict:
   import torch
-  import transformers
-  path = pathlib.Path(args.model)
-  model = transformers.AutoModelForCausalLM.from_pretrained(
-      str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
-  out = {"matmul_flops": _torch_matmul_flops(args.matmul_n), "runs": []}
+  device = _torch_device(args)
+  model = _load_torch_model(args).eval()
+  out = {"matmul_flops": _torch_matmul_flops(args.matmul_n, device), "runs": []}
   for batch in args.batches:
-    prompts = torch.tensor(_prompts(batch, args.prompt_len, model.config.vocab_size))
+    prompts = torch.tensor(_prompts(batch, args.prompt_len, model.config.vocab_size),
+                           device=device)
     kw = dict(attention_mask=torch.ones_like(prompts), do_sample=False,
               pad_token_id=model.config.eos_token_id)
     with torch.no_grad():
       model.generate(prompts, max_new_tokens=2, min_new_tokens=2, **kw)  # warm-up
+      _sync(device)
       start = time.perf_counter()
       gen = model.generate(prompts, max_new_tokens=args.new_tokens,
                            min_new_tokens=args.new_tokens, **kw)
+      _sync(device)
       seconds = time.perf_counter() - start
     assert gen.shape == (batch, args.prompt_len + args.new_tokens), gen.shape
     out["runs"].append({"batch": batch, "seconds": seconds,
@@ -131,6 +184,7 @@ def worker_jax_train(args) -> dict:
   from langptune_jax import flops, sampling
   from langptune_jax.models import finetune, lora
   from langptune_jax.weights import hf
+  _jax_setup(args)
   model, config = hf.load_decoder(args.model, dtype="float32", param_dtype="float32")
   lora.apply_lora(model, targets=LORA_TARGETS, rank=args.lora_rank, alpha=2.0 * args.lora_rank,
                   rngs=nnx.Rngs(0))
@@ -168,10 +222,8 @@ def worker_jax_train(args) -> dict:
 
 def worker_torch_train(args) -> dict:
   import torch
-  import transformers
-  path = pathlib.Path(args.model)
-  model = transformers.AutoModelForCausalLM.from_pretrained(
-      str(path.parent), gguf_file=path.name, dtype=torch.float32)
+  device = _torch_device(args)
+  model = _load_torch_model(args)
   model.train()
   for param in model.parameters():
     param.requires_grad_(False)
@@ -182,8 +234,9 @@ def worker_torch_train(args) -> dict:
     def __init__(self, base, rank, alpha):
       super().__init__()
       self.base = base
-      self.a = torch.nn.Parameter(torch.randn(base.in_features, rank) / base.in_features ** 0.5)
-      self.b = torch.nn.Parameter(torch.zeros(rank, base.out_features))
+      self.a = torch.nn.Parameter(
+          torch.randn(base.in_features, rank, device=device) / base.in_features ** 0.5)
+      self.b = torch.nn.Parameter(torch.zeros(rank, base.out_features, device=device))
       self.scale = alpha / rank
 
     def forward(self, x):
@@ -197,7 +250,7 @@ def worker_torch_train(args) -> dict:
   params = [p for p in model.parameters() if p.requires_grad]
   optimizer = torch.optim.AdamW(params, lr=1e-4, eps=1e-6)
   b, p, n = args.train_batch, args.prompt_len, args.new_tokens
-  tokens = torch.tensor(_prompts(b, p + n, model.config.vocab_size, seed=1))
+  tokens = torch.tensor(_prompts(b, p + n, model.config.vocab_size, seed=1), device=device)
 
   def step():
     optimizer.zero_grad(set_to_none=True)
@@ -212,9 +265,9 @@ def worker_torch_train(args) -> dict:
   times = []
   for _ in range(args.train_reps):
     start = time.perf_counter()
-    step()
+    step()  # float(loss) waits for the device
     times.append(time.perf_counter() - start)
-  return {"seconds": min(times), "matmul_flops": _torch_matmul_flops(args.matmul_n),
+  return {"seconds": min(times), "matmul_flops": _torch_matmul_flops(args.matmul_n, device),
           "peak_rss_mib": _peak_rss_mib()}
 
 
@@ -227,7 +280,9 @@ WORKERS = {"jax_sample": worker_jax_sample, "torch_sample": worker_torch_sample,
 def _run_worker(name: str, argv: list[str]) -> dict:
   print(f"[bench] {name} ...", file=sys.stderr, flush=True)
   env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-             TOKENIZERS_PARALLELISM="false", JAX_PLATFORMS="cpu")
+             TOKENIZERS_PARALLELISM="false")
+  if "--device=gpu" not in argv:
+    env["JAX_PLATFORMS"] = "cpu"
   proc = subprocess.run([sys.executable, __file__, "--worker", name] + argv, env=env,
                         capture_output=True, text=True, cwd=ROOT)
   if proc.returncode:
@@ -239,9 +294,11 @@ def _run_worker(name: str, argv: list[str]) -> dict:
 def _table(args, res) -> str:
   js, ts, jt, tt = res["jax_sample"], res["torch_sample"], res["jax_train"], res["torch_train"]
   lines = [
-      "# Sampling and LoRA training: ours (JAX) vs HF transformers (torch), CPU float32",
+      f"# Sampling and LoRA training: ours (JAX) vs HF transformers (torch), "
+      f"{args.device.upper()} float32",
       "",
-      f"SmolLM2-135M-Instruct, prompts {args.prompt_len} tokens, {args.new_tokens} new tokens "
+      f"SmolLM2-135M-Instruct{' shapes (random weights)' if args.random_weights else ''}, "
+      f"prompts {args.prompt_len} tokens, {args.new_tokens} new tokens "
       f"(greedy, min_new_tokens = max_new_tokens), {os.cpu_count()} CPU cores.",
       f"Matmul peak ({args.matmul_n}^3 float32): JAX {js['matmul_flops'] / 1e9:.1f} GFLOP/s, "
       f"torch {ts['matmul_flops'] / 1e9:.1f} GFLOP/s.",
@@ -282,8 +339,14 @@ def main(argv=None):
   parser.add_argument("--matmul_n", type=int, default=2048)
   parser.add_argument("--out", default=str(ROOT / "bench/results/sampling.md"))
   parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run")
+  parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                      help="where both sides run (gpu: JAX's CUDA backend and torch on cuda)")
+  parser.add_argument("--random_weights", action="store_true",
+                      help="SmolLM2's shapes with random weights (no asset needed: GPU hosts)")
   parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
+  if args.random_weights and not args.worker:
+    args.model = _random_smollm2_dir()
   if not args.model:
     sys.path.insert(0, str(ROOT))
     from langptune_jax import assets
@@ -296,7 +359,7 @@ def main(argv=None):
     sys.path.insert(0, str(ROOT))
     print(json.dumps(WORKERS[args.worker](args)))
     return
-  passthrough = [f"--model={args.model}", f"--prompt_len={args.prompt_len}",
+  passthrough = [f"--model={args.model}", f"--device={args.device}", f"--prompt_len={args.prompt_len}",
                  f"--new_tokens={args.new_tokens}", f"--lora_rank={args.lora_rank}",
                  f"--train_batch={args.train_batch}", f"--train_reps={args.train_reps}",
                  f"--matmul_n={args.matmul_n}", "--batches=" + ",".join(map(str, args.batches))]

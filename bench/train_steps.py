@@ -368,7 +368,7 @@ def worker_torch(args) -> dict:
       loss = torch.square(d[:, j] - d[:, k]).mean()
       loss.backward()
       lm_opt.step()
-      losses.append(float(loss))
+      losses.append(loss.detach().item())
     return {"reward": float(reward.mean()), "loss": float(np.mean(losses))}
 
   # Warm-up on the same code path with a short rollout and one pass (torch has no compile).
@@ -392,7 +392,7 @@ def worker_torch(args) -> dict:
     loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(ids)))
     loss.backward()
     bert_opt.step()
-    losses.append(float(loss))
+    losses.append(loss.detach().item())
 
   cl_step()  # warm-up
   times = _timed(cl_step, args.reps)

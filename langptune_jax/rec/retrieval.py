@@ -17,9 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
-from langptune_jax import parallel
+from langptune_jax import observability, parallel
 from langptune_jax.models import embedder as embedder_lib
 from langptune_jax.rec import metrics
 
@@ -118,7 +117,7 @@ def embed_catalogue(embed_fn: EmbedFn, item_tokens: np.ndarray, item_mask: np.nd
     batch_size = _round_up(batch_size, parallel.data_parallel_size(mesh))
   chunks = []
   starts = range(0, num_items, batch_size)
-  for start in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
+  for start in observability.progress(starts, desc=desc, disable=not progress):
     stop = min(start + batch_size, num_items)
     # Drop trailing all-padding columns (right padding: they change nothing) in
     # steps of `width_step`, so short texts cost less and compiles stay few.
@@ -180,8 +179,8 @@ def rank_users(query_emb: np.ndarray | Array, item_emb: np.ndarray | Array,
   ranks, tops = [], []
   ctx = parallel.use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
   with ctx:
-    for start in tqdm(range(0, num_users, chunk_size), desc="ranking users",
-                      disable=not progress, unit="chunk"):
+    for start in observability.progress(range(0, num_users, chunk_size), desc="ranking users",
+                                       disable=not progress):
       stop = min(start + chunk_size, num_users)
       parts = [_pad_rows(a[start:stop], chunk_size) for a in (query_emb, targets, history)]
       if mesh is not None:

@@ -29,9 +29,9 @@ from langptune_jax.weights import export as export_lib
 from langptune_jax.weights import hf as hf_weights
 from langptune_jax.weights import tokenizer as tok_lib
 
-# Dataset settings that must match the run's config (token lengths, tokenizers, filters).
-_DATASET_SETTINGS = ("prompt_max_len", "decoder_max_len", "history_len", "k_core", "source",
-                     "encoder.path", "decoder.path")
+# Data settings that may differ between `prepare` and `train` (they don't shape the dataset);
+# every other data.* field, the seed and both tokenizer paths must match.
+_FREE_DATA_SETTINGS = ("dataset_dir", "shuffle_buffer", "num_workers")
 
 
 def _user_split(columns: dict) -> UserSplit:
@@ -52,12 +52,14 @@ def load_run_data(config, workdir) -> RunData:
       "encoder.path": settings.get("encoder_path"), "decoder.path": settings.get("decoder_path")})
   current = dict(config.data, **{"encoder.path": str(config.encoder.path),
                                  "decoder.path": str(config.decoder.path)})
-  for name in _DATASET_SETTINGS:
-    if built.get(name) is not None and str(built[name]) != str(current[name]):
-      field = name if "." in name else f"data.{name}"
-      raise ValueError(f"dataset {folder} was built with {field}={built[name]} but the config "
-                       f"has {field}={current[name]}; re-run prepare or set data.dataset_dir to "
-                       "another folder")
+  built["seed"] = settings.get("seed")
+  current["seed"] = config.seed
+  for name in sorted(set(built) - set(_FREE_DATA_SETTINGS)):
+    if built[name] is not None and str(built[name]) != str(current.get(name)):
+      field = name if "." in name or name == "seed" else f"data.{name}"
+      raise ValueError(f"dataset {folder} was built with {field}={built[name]!r} but the config "
+                       f"has {field}={current.get(name)!r}; re-run prepare or set "
+                       "data.dataset_dir to another folder")
   splits = {name: _user_split(data_loader.load_split(folder, name))
             for name in ("train", "val", "test")}
   items = data_loader.load_split(folder, "items")

@@ -28,7 +28,8 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from langptune_jax import parallel
+from langptune_jax import flops as flops_lib
+from langptune_jax import observability, parallel
 from langptune_jax.models import embedder as embedder_lib
 from langptune_jax.models import finetune
 from langptune_jax.models import lora as lora_lib
@@ -143,6 +144,21 @@ class Trainer:
         micro_batch_size=int(config.cl.micro_batch_size), rules=self.rules)
     self._embed = self._make_embed_fn()
     self._rewards = self._make_reward_fn()
+    # Step time apart from compile time, tokens/s and MFU in the metrics; the
+    # optional XLA trace of a window of steps (config.profile).
+    peak = flops_lib.peak_tflops(float(config.profile.peak_tflops))
+    self.rl_timer = flops_lib.StepTimer("rl", num_devices=self.mesh.size,
+                                        peak_tflops_per_device=peak)
+    self.cl_timer = flops_lib.StepTimer("cl", num_devices=self.mesh.size,
+                                        peak_tflops_per_device=peak)
+    self.rlso_pass = self.rl_timer.wrap(self.rlso_pass)
+    self.cl_step = self.cl_timer.wrap(self.cl_step)
+    self.profile_window = observability.ProfileWindow(config.profile,
+                                                      os.path.join(workdir, "profile"))
+    self._encoder_config = encoder.config
+    self._decoder_config = decoder.model.config
+    self._encoder_trainable = finetune.count_params(encoder, enc_wrt)
+    self._decoder_trainable = finetune.count_params(decoder, dec_wrt)
 
     self.position = {"iteration": 0, "phase": "cl", "step": 0}
     self.profiles: profiles_lib.Profiles | None = None  # of train + val users, this iteration
@@ -220,7 +236,7 @@ class Trainer:
     if len(users) < batch_size:
       raise ValueError(f"cl.batch_size={batch_size}: only {len(users)} train+val users")
     steps_per_epoch = len(users) // batch_size
-    for step in range(start_step, int(cfg.num_emb_updates)):
+    for step in self._steps("cl", iteration, start_step, int(cfg.num_emb_updates)):
       epoch, offset = divmod(step, steps_per_epoch)
       order = _rng_for(self.seed, iteration, 1, epoch).permutation(len(users))
       index = order[offset * batch_size:(offset + 1) * batch_size]
@@ -233,6 +249,11 @@ class Trainer:
       }
       batch = parallel.global_batch(batch, self.mesh, self.rules)
       self.decoder_state.state, metrics = self.cl_step(self.decoder_state.state, batch)
+      width = self.profiles.decoder_tokens.shape[1]
+      metrics = dict(metrics, **self.cl_timer.metrics(
+          tokens=2 * batch_size * width,
+          flops=flops_lib.cl_step_flops(self._decoder_config, batch_size, width,
+                                        trainable_params=self._decoder_trainable)))
       self._after_step(metrics, "cl", iteration, step)
 
   def rl_phase(self, iteration: int, start_step: int = 0) -> None:
@@ -245,7 +266,7 @@ class Trainer:
     if len(users) < num_prompts:
       raise ValueError(f"rl.prompts_per_update={num_prompts}: only {len(users)} train users")
     steps_per_epoch = len(users) // num_prompts
-    for step in range(start_step, int(cfg.num_lm_updates)):
+    for step in self._steps("rl", iteration, start_step, int(cfg.num_lm_updates)):
       epoch, offset = divmod(step, steps_per_epoch)
       order = _rng_for(self.seed, iteration, 2, epoch).permutation(len(users))
       prompts = users.take(order[offset * num_prompts:(offset + 1) * num_prompts])
@@ -293,6 +314,13 @@ class Trainer:
     metrics.update({f"batch_{k}": v for k, v in _scalars(rank_metrics).items()})
     metrics["truncated_fraction"] = float(np.mean(truncated))
     metrics["response_length"] = float(response_mask.sum(axis=1).mean())
+    rows, prompt_len = batch["prompt_tokens"].shape
+    metrics.update(self.rl_timer.metrics(
+        tokens=rows * (prompt_len + response_tokens.shape[1]),
+        flops=flops_lib.rlso_pass_flops(self._encoder_config, rows, prompt_len,
+                                        response_tokens.shape[1],
+                                        trainable_params=self._encoder_trainable),
+        prefix="rl_pass"))
     return metrics
 
   # --- evaluation ------------------------------------------------------------
@@ -424,6 +452,14 @@ class Trainer:
     offset = 0 if self.position["phase"] == "cl" else int(cfg.cl.num_emb_updates)
     return self.position["iteration"] * per_iter + offset + self.position["step"]
 
+  def _steps(self, phase: str, iteration: int, start: int, stop: int):
+    """The step indices of a phase, with a progress bar and the profiling window."""
+    desc = f"iteration {iteration}: {'CL (decoder)' if phase == 'cl' else 'RL (encoder)'} updates"
+    for step in observability.progress(range(start, stop), desc=desc, total=stop - start):
+      self.position = {"iteration": iteration, "phase": phase, "step": step}
+      self.profile_window.step(self._global_step())
+      yield step
+
   def _after_step(self, metrics, phase: str, iteration: int, step: int) -> None:
     metrics = _scalars(metrics)
     if not math.isfinite(metrics.get("loss", 0.0)):
@@ -521,6 +557,7 @@ class Trainer:
     return self.history
 
   def close(self):
+    self.profile_window.close()
     if self.checkpointer is not None:
       self.checkpointer.close()
     if self.writer is not None:

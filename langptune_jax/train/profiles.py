@@ -13,9 +13,8 @@ import dataclasses
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
-from langptune_jax import parallel, sampling
+from langptune_jax import observability, parallel, sampling
 from langptune_jax.models import embedder as embedder_lib
 
 
@@ -81,7 +80,7 @@ def write_profiles(model, prompt_tokens: np.ndarray, prompt_mask: np.ndarray, *,
     raise ValueError(f"{desc}: no users to write profiles for")
   texts, responses, masks = [], [], []
   with parallel.use_mesh(mesh, rules):
-    for i, start in enumerate(tqdm(range(0, num, batch_size), desc=desc, unit="batch")):
+    for i, start in enumerate(observability.progress(range(0, num, batch_size), desc=desc)):
       stop = min(start + batch_size, num)
       pad = batch_size - (stop - start)
       tok = np.concatenate([prompt_tokens[start:stop]] + [prompt_tokens[stop - 1:stop]] * pad)
