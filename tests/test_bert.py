@@ -233,3 +233,30 @@ def test_call_errors():
     model(jnp.zeros((1, 33), jnp.int32), jnp.ones((1, 33), jnp.int32))
   with pytest.raises(ValueError, match="attention_mask shape"):
     model(jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 5), jnp.int32))
+
+
+def test_export_round_trips_through_transformers(tmp_path):
+  """A trained BERT decoder written back as HF weights loads in transformers unchanged."""
+  from langptune_jax.models import embedder
+  from langptune_jax.train import commands
+  _save_tiny(tmp_path / "src", seed=3)
+  model, _ = bert.load_bert(tmp_path / "src")
+  kernel = model.layers[0].attn.query.kernel
+  kernel.set_value(kernel.get_value() + 0.1)  # as if trained
+  tokens, mask, types = _batch(seed=3)
+  types = np.zeros_like(types)
+  ours = np.asarray(model(jnp.asarray(tokens), jnp.asarray(mask)))
+  # The tokenizer files are copied along; a word-level one is enough here.
+  import tokenizers
+  tok = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tokenizers.Tokenizer(
+          tokenizers.models.WordLevel({"[UNK]": 0}, unk_token="[UNK]")),
+      unk_token="[UNK]")
+  tok.save_pretrained(str(tmp_path / "src"))
+  commands._export_embedder(embedder.Embedder(model, family="bert", pooling="mean"),
+                            tmp_path / "out", str(tmp_path / "src"))
+  theirs = _torch_hidden(transformers.BertModel.from_pretrained(str(tmp_path / "out")).eval(),
+                         tokens, mask, types)
+  np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+  assert (tmp_path / "out" / "tokenizer.json").exists()
+  assert not (tmp_path / ".out.tmp").exists()
