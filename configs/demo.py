@@ -29,7 +29,7 @@ def get_config():
   c.data.history_len = 3  # the paper uses 4; 3 keeps prompts short on a CPU
   c.data.prompt_max_len = 192  # MovieLens prompts with 3 rated movies: ~170 SmolLM2 tokens
   c.data.decoder_max_len = 64  # items ~17 tokens; 32-token profiles fit
-  c.data.max_users = 96  # ~77 train / 10 val / 10 test users after filtering
+  c.data.max_users = 400  # ~320 train / 40 val / 40 test users after filtering
 
   c.encoder.family = "llama"
   c.encoder.path = _asset("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -58,6 +58,7 @@ def get_config():
 
   c.train.num_iterations = 1
   c.train.profile_batch_size = 32
+  c.train.cl_users = 64  # profiles per CL phase: a seeded subset of the train+val users
 
   c.eval.max_users = 0  # every validation user
   c.eval.history_baseline_steps = 8

@@ -425,6 +425,12 @@ def _validate_schedule_and_eval(c: _Checker) -> None:
   c.integer("train.num_iterations", lo=0)
   c.integer("train.eval_every_iterations", lo=0, rule="must be >= 0 (0: no evaluation)")
   c.integer("train.profile_batch_size", lo=1)
+  c.integer("train.stop_after_steps", lo=0, rule="must be >= 0 (0: run to the end)")
+  cl_users = c.integer("train.cl_users", lo=0, rule="must be >= 0 (0: every train+val user)")
+  batch = c.get("cl.batch_size")
+  if cl_users is not _MISSING and cl_users > 0 and isinstance(batch, int):
+    c.rule(cl_users >= batch, "train.cl_users", cl_users,
+           f"must be >= cl.batch_size={batch} (each CL step draws a batch from these users)")
   c.sequence("eval.ks", lambda k: isinstance(k, int) and not isinstance(k, bool) and k >= 1,
              "each k must be a positive integer")
   c.string("eval.split", EVAL_SPLITS)

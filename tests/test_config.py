@@ -214,3 +214,8 @@ def test_resolve_workdir(tmp_path, monkeypatch):
   (tmp_path / "file").write_text("x")
   with pytest.raises(ValueError, match="cannot create it"):
     config_lib.resolve_workdir(config, str(tmp_path / "file" / "sub"))
+
+
+def test_cl_users_must_cover_a_cl_batch():
+  assert failures(tiny(**{"train.cl_users": 4})) == [  # tiny's cl.batch_size is 8
+      "train.cl_users=4: must be >= cl.batch_size=8 (each CL step draws a batch from these users)"]

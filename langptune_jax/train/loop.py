@@ -228,6 +228,9 @@ class Trainer:
   def cl_phase(self, iteration: int, start_step: int = 0) -> None:
     cfg = self.config.cl
     users = self._cl_users()
+    cap = int(self.config.train.cl_users)
+    if 0 < cap < len(users):  # a seeded subset: the same again on resume
+      users = users.take(np.sort(_rng_for(self.seed, iteration, 5).permutation(len(users))[:cap]))
     if self.profiles is None:
       self.profiles = self.write_profiles(users, _key_for(self.seed, iteration, 0),
                                           desc=f"iteration {iteration}: profiles")
