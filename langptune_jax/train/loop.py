@@ -238,11 +238,8 @@ class Trainer:
     batch_size = int(cfg.batch_size)
     if len(users) < batch_size:
       raise ValueError(f"cl.batch_size={batch_size}: only {len(users)} train+val users")
-    steps_per_epoch = len(users) // batch_size
     for step in self._steps("cl", iteration, start_step, int(cfg.num_emb_updates)):
-      epoch, offset = divmod(step, steps_per_epoch)
-      order = _rng_for(self.seed, iteration, 1, epoch).permutation(len(users))
-      index = order[offset * batch_size:(offset + 1) * batch_size]
+      index = self._batch_rows(len(users), batch_size, step, iteration, 1)
       batch = {
           "profile_tokens": self.profiles.decoder_tokens[index],
           "profile_mask": self.profiles.decoder_mask[index],
@@ -268,11 +265,8 @@ class Trainer:
     num_prompts = int(cfg.prompts_per_update)
     if len(users) < num_prompts:
       raise ValueError(f"rl.prompts_per_update={num_prompts}: only {len(users)} train users")
-    steps_per_epoch = len(users) // num_prompts
     for step in self._steps("rl", iteration, start_step, int(cfg.num_lm_updates)):
-      epoch, offset = divmod(step, steps_per_epoch)
-      order = _rng_for(self.seed, iteration, 2, epoch).permutation(len(users))
-      prompts = users.take(order[offset * num_prompts:(offset + 1) * num_prompts])
+      prompts = users.take(self._batch_rows(len(users), num_prompts, step, iteration, 2))
       metrics = self.rlso_update(prompts, item_emb, _key_for(self.seed, iteration, 3, step),
                                  _rng_for(self.seed, iteration, 4, step))
       self._after_step(metrics, "rl", iteration, step)
@@ -454,6 +448,13 @@ class Trainer:
     per_iter = int(cfg.cl.num_emb_updates) + int(cfg.rl.num_lm_updates)
     offset = 0 if self.position["phase"] == "cl" else int(cfg.cl.num_emb_updates)
     return self.position["iteration"] * per_iter + offset + self.position["step"]
+
+  def _batch_rows(self, num_rows: int, batch_size: int, step: int, iteration: int,
+                  stream: int) -> np.ndarray:
+    """Rows of batch `step`: a seeded permutation per epoch, so any step is reproducible."""
+    epoch, offset = divmod(step, num_rows // batch_size)
+    order = _rng_for(self.seed, iteration, stream, epoch).permutation(num_rows)
+    return order[offset * batch_size:(offset + 1) * batch_size]
 
   def _steps(self, phase: str, iteration: int, start: int, stop: int):
     """The step indices of a phase, with a progress bar and the profiling window."""
