@@ -39,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   d.max_users = 0  # 0: all; >0 keeps the first N users (demos, smoke runs)
   d.shuffle_buffer = 10_000
   d.num_workers = 0  # grain worker processes (0: in-process)
+  d.scan_workers = 0  # processes for the first reviews pass (0: by file size and CPUs)
 
   # --- profile encoder (LLM) ---
   c.encoder = e = ml_collections.ConfigDict()

@@ -292,6 +292,7 @@ def _validate_data(c: _Checker, require_data: bool) -> None:
   c.integer("data.max_users", lo=0, rule="must be >= 0 (0: all users)")
   c.integer("data.shuffle_buffer", lo=0)
   c.integer("data.num_workers", lo=0)
+  c.integer("data.scan_workers", lo=0)
 
 
 def _validate_models(c: _Checker) -> None:

@@ -8,7 +8,7 @@ import fixtures_data as fx
 import numpy as np
 import pytest
 
-from langptune_jax.data import core, loader, prepare, prompts
+from langptune_jax.data import core, loader, prepare, prompts, review_scan
 from langptune_jax.weights import tokenizer as tok_lib
 
 
@@ -181,6 +181,58 @@ def test_gzip_input_gives_same_dataset(built, tmp_path, smollm2_gguf, minilm_dir
         np.testing.assert_array_equal(a[key], b[key])
       else:
         assert a[key] == b[key]
+
+
+def test_parallel_scan_gives_same_dataset(built, tmp_path, smollm2_gguf, minilm_dir):
+  # Worker processes over byte ranges must reproduce one sequential scan exactly:
+  # user order, line numbers in the skip examples, every split.
+  _, path, stats = built
+  config = fx.amazon_config(tmp_path, smollm2_gguf, minilm_dir, scan_workers=3)
+  par_path, par_stats = prepare.prepare(config)
+  assert par_stats["skipped"] == stats["skipped"]
+  assert par_stats["filters"] == stats["filters"]
+  for split in ("train", "val", "test", "items"):
+    a, b = loader.load_split(path, split), loader.load_split(par_path, split)
+    for key in a:
+      if isinstance(a[key], np.ndarray):
+        np.testing.assert_array_equal(a[key], b[key])
+      else:
+        assert a[key] == b[key]
+
+
+def test_line_aligned_ranges_cover_the_file(tmp_path):
+  lines = [b"{}\n", b"{\"a\": 1}\n", b"\n", b"[1, 2, 3]\n", b"{\"b\": \"x\"}"]
+  path = tmp_path / "f.jsonl"
+  path.write_bytes(b"".join(lines))
+  starts = {sum(len(x) for x in lines[:k]) for k in range(len(lines))}
+  for parts in (1, 2, 3, 7):
+    ranges = review_scan.line_aligned_ranges(str(path), parts)
+    assert len(ranges) == parts
+    assert ranges[0][0] == 0 and ranges[-1][1] == path.stat().st_size
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(a <= b for a, b in ranges)
+    assert all(a in starts or a == b for a, b in ranges)  # no range starts mid-line
+    seen = sum(review_scan.scan_range(str(path), a, b, {}, 5).num_lines
+               for a, b in ranges if a < b)
+    assert seen == len(lines)
+
+
+def test_parse_line_reasons():
+  assert review_scan.parse_line(b'{"a": 1.5}\n') == ({"a": 1.5}, None)
+  assert review_scan.parse_line(b'{"a": NaN}')[1] is None  # accepted, as json does
+  assert review_scan.parse_line(b"\xff{}")[1] == "invalid UTF-8"
+  assert review_scan.parse_line(b"   \n")[1] == "blank line"
+  assert review_scan.parse_line(b'{"a": }')[1] == "malformed JSON"
+
+
+def test_wrap_chat_frame_equals_template(smollm2_gguf, gemma3_gguf):
+  contents = ["Hello", "x\n\ny", "  padded \n", "\u00e9t\u00e9 {{ not jinja }}", ""]
+  for path in (smollm2_gguf, gemma3_gguf):
+    tok = tok_lib.load_tokenizer(path)
+    for content in contents:
+      full = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                     add_generation_prompt=True)
+      assert prompts.wrap_chat(tok, content) == full, (path, content)
 
 
 def _tree_bytes(root: pathlib.Path) -> dict[str, bytes]:

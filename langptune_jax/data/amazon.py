@@ -18,9 +18,7 @@ with their first line numbers.
 
 from __future__ import annotations
 
-import array
 import gzip
-import json
 import os
 import pathlib
 from typing import Any, Iterable, Iterator
@@ -28,10 +26,21 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import tqdm
 
-from langptune_jax.data import core
+from langptune_jax.data import core, review_scan
 from langptune_jax.data import prompts as prompts_lib
 
 DataError = core.DataError
+
+
+def _is_gzip(path: str | os.PathLike) -> bool:
+  with open(path, "rb") as f:
+    return f.read(2) == b"\x1f\x8b"
+
+
+def _opener(gz: bool):
+  if gz:
+    return lambda path: gzip.open(path, "rb")
+  return lambda path: open(path, "rb", buffering=1 << 20)
 
 
 def open_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
@@ -39,30 +48,18 @@ def open_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
   p = pathlib.Path(path).expanduser()
   if not str(path) or not p.is_file():
     raise DataError(f"input file not found: {p if str(path) else '(empty path)'}")
-  with open(p, "rb") as f:
-    gz = f.read(2) == b"\x1f\x8b"
-  with (gzip.open(p, "rb") if gz else open(p, "rb", buffering=1 << 20)) as f:
+  with _opener(_is_gzip(p))(p) as f:
     for n, line in enumerate(f, start=1):
       yield n, line
 
 
 def _parse(line: bytes, n: int, where: str, skips: core.SkipLog) -> dict | None:
   """A JSON object from one line, or None (counted) when it is unusable."""
-  try:
-    text = line.decode("utf-8")
-  except UnicodeDecodeError:
-    skips.skip("invalid UTF-8", f"{where}:{n}")
-    return None
-  if not text.strip():
-    skips.skip("blank line", f"{where}:{n}")
-    return None
-  try:
-    row = json.loads(text)
-  except ValueError:
-    skips.skip("malformed JSON", f"{where}:{n}")
-    return None
-  if not isinstance(row, dict):
-    skips.skip("malformed JSON", f"{where}:{n}")
+  row, bad = review_scan.parse_line(line)
+  if bad is None and not isinstance(row, dict):
+    bad = "malformed JSON"
+  if bad is not None:
+    skips.skip(bad, f"{where}:{n}")
     return None
   return row
 
@@ -81,15 +78,13 @@ def _str_list(value: Any) -> list[str]:
   return [str(value)]
 
 
-def _is_number(v: Any) -> bool:
-  return type(v) is int or type(v) is float  # bool (an int subclass) excluded
-
-
 class AmazonSource:
   """Streams one Amazon Reviews 2023 category into a `core.Source`."""
 
-  def __init__(self, reviews: str, meta: str, skips: core.SkipLog, log: core.FilterLog):
+  def __init__(self, reviews: str, meta: str, skips: core.SkipLog, log: core.FilterLog,
+               scan_workers: int = 0):
     self.reviews_path = reviews
+    self.scan_workers = scan_workers  # reviews pass 1 processes; 0: by file size and CPUs
     self.meta_path = meta
     self.skips = skips
     self.log = log
@@ -145,7 +140,7 @@ class AmazonSource:
         i = wanted.get(n)
         if i is None:
           continue
-        row = json.loads(line.decode("utf-8"))
+        row = review_scan.parse_line(line)[0]  # validated by pass 1
         out[i] = prompts_lib.amazon_item_text(
             row["title"], row.get("average_rating"), _str_list(row.get("description")),
             _str_list(row.get("categories")), row.get("price"))
@@ -156,84 +151,81 @@ class AmazonSource:
   # --- reviews ------------------------------------------------------------
   def scan_reviews(self) -> core.Interactions:
     """Reviews pass 1: compact integer arrays of valid reviews of known items."""
-    users: dict[str, int] = {}
-    user_keys = self.user_keys
-    # array.array: compact typed storage with fast appends, whatever the file size.
-    u, it, ref = (array.array("i") for _ in range(3))
-    ts = array.array("q")
-    rating = array.array("f")
-    item_index = self._item_index
-    skip = self.skips.skip
-    loads = json.loads
-    raw_decode = json.JSONDecoder().raw_decode
-    name = pathlib.Path(self.reviews_path).name
-    n = 0
+    path = str(pathlib.Path(self.reviews_path).expanduser())
+    name = pathlib.Path(path).name
+    gz = _is_gzip(path)
+    workers = 1 if gz else review_scan.auto_workers(path, self.scan_workers)
+    max_ex = self.skips.max_examples
     with _bar("reviews pass 1") as bar:
-      for n, line in open_lines(self.reviews_path):
-        if not n & 0x3FFF:
-          bar.update(0x4000)
-        try:
-          text = line.decode("utf-8")  # explicit: json's own encoding sniffing is slower
-        except UnicodeDecodeError:
-          skip("invalid UTF-8", f"{name}:{n}")
-          continue
-        try:
-          row, end = raw_decode(text)  # json.loads minus two wrapper calls per line
-          if end != len(text) and text[end:].strip():
-            raise ValueError("trailing data")
-        except ValueError:
-          try:
-            row = loads(text)  # leading whitespace is fine for loads, not raw_decode
-          except ValueError:
-            skip("blank line" if not line.strip() else "malformed JSON", f"{name}:{n}")
-            continue
-        if type(row) is not dict:
-          skip("malformed JSON", f"{name}:{n}")
-          continue
-        uid, asin, t = row.get("user_id"), row.get("parent_asin"), row.get("timestamp")
-        r, text = row.get("rating"), row.get("text")
-        if type(uid) is not str or not uid or type(asin) is not str or not asin:
-          skip("review: missing user_id/parent_asin", f"{name}:{n}")
-          continue
-        if not _is_number(t) or not _is_number(r) or type(text) is not str:
-          skip("review: missing or null timestamp/rating/text", f"{name}:{n}")
-          continue
-        i = item_index.get(asin)
-        if i is None:
-          skip("review: unknown item (no meta row with a title)", f"{name}:{n}")
-          continue
-        uidx = users.get(uid)
-        if uidx is None:
-          uidx = users[uid] = len(user_keys)
-          user_keys.append(uid)
-        u.append(uidx)
-        it.append(i)
-        ts.append(int(t))
-        ref.append(n)
-        rating.append(r)
-      bar.update(n & 0x3FFF)
-    self.num_review_lines = n
+      if workers > 1:
+        chunks = review_scan.scan_parallel(path, workers, self._item_index, max_ex, bar.update)
+      else:
+        chunks = [review_scan.scan_range(path, 0, None, self._item_index, max_ex,
+                                         opener=_opener(gz), progress=bar.update)]
+    *columns, byte_offsets = self._merge(chunks, name)
+    # Line -> byte offset of every kept review (sorted by line), so that pass 2
+    # seeks to the few reviews it needs instead of reading the file again.
+    self._seekable = not gz
+    self._ref_lines, self._ref_offsets = columns[3], byte_offsets
+    n = self.num_review_lines
     self.review_passes = 1
-    if not u:
+    if not len(columns[0]):
       raise DataError(f"no usable reviews in {self.reviews_path} ({n} lines; "
                       f"skipped: {self.skips.counts})")
-    inter = core.Interactions.from_unsorted(*(np.frombuffer(a, dtype=a.typecode)
-                                              for a in (u, it, ts, ref, rating)))
+    inter = core.Interactions.from_unsorted(*columns)
     # Duplicates: the same user reviewing the same item again; the earliest stays.
     return core.drop_duplicates(inter, self.skips, "review: duplicate (user, item)", name)
 
+  def _merge(self, chunks: list[review_scan.Chunk], name: str) -> list[np.ndarray]:
+    """Chunks in file order -> global user ids, line numbers and skip records."""
+    users: dict[str, int] = {}
+    columns: list[list[np.ndarray]] = [[] for _ in range(6)]
+    offset = 0
+    for chunk in chunks:
+      remap = np.fromiter((users.setdefault(k, len(users)) for k in chunk.user_keys),
+                          np.int32, len(chunk.user_keys))
+      local = np.frombuffer(chunk.user, np.int32)
+      columns[0].append(remap[local] if len(local) else local)
+      columns[1].append(np.frombuffer(chunk.item, np.int32))
+      columns[2].append(np.frombuffer(chunk.ts, np.int64))
+      columns[3].append(np.frombuffer(chunk.line, np.int32) + np.int32(offset))
+      columns[4].append(np.frombuffer(chunk.rating, np.float32))
+      columns[5].append(np.frombuffer(chunk.offset, np.int64))
+      for reason, count in chunk.skip_counts.items():
+        lines = chunk.skip_lines.get(reason, [])
+        for line in lines:  # the first few examples, then the bare count
+          self.skips.skip(reason, f"{name}:{line + offset}")
+        self.skips.counts[reason] = self.skips.counts.get(reason, 0) + count - len(lines)
+      offset += chunk.num_lines
+    self.user_keys.extend(users)
+    self.num_review_lines = offset
+    return [np.concatenate(c) for c in columns]
+
+  def keep_offsets_of(self, refs: np.ndarray) -> None:
+    """Forgets the byte offsets of reviews no longer needed (after the k-core)."""
+    keep = np.isin(self._ref_lines, refs)
+    self._ref_lines, self._ref_offsets = self._ref_lines[keep], self._ref_offsets[keep]
+
   def _ensure_text(self, refs: Iterable[int]) -> None:
     """Reviews pass 2 (and rarely later ones): text of the given review lines."""
-    need = set(int(r) for r in refs) - self._review_text.keys()
+    need = sorted(set(int(r) for r in refs) - self._review_text.keys())
     if not need:
       return
     self.review_passes += 1
-    last = max(need)
     with tqdm.tqdm(total=len(need), desc=f"reviews pass {self.review_passes}",
                    unit=" reviews", mininterval=1.0, disable=None) as bar:
-      for n, line in open_lines(self.reviews_path):
-        if n in need:
-          self._review_text[n] = json.loads(line.decode("utf-8"))["text"]
+      if self._seekable:
+        at = np.searchsorted(self._ref_lines, need)
+        with open(pathlib.Path(self.reviews_path).expanduser(), "rb") as f:
+          for n, offset in zip(need, self._ref_offsets[at].tolist()):
+            f.seek(offset)
+            self._review_text[n] = review_scan.parse_line(f.readline())[0]["text"]
+            bar.update()
+        return
+      wanted, last = set(need), need[-1]
+      for n, line in open_lines(self.reviews_path):  # gzip: no seeking, read through
+        if n in wanted:
+          self._review_text[n] = review_scan.parse_line(line)[0]["text"]
           bar.update()
         if n >= last:
           break
@@ -258,7 +250,8 @@ def _rating(value: float) -> Any:
 
 def load(cfg: Any, skips: core.SkipLog, log: core.FilterLog) -> core.Source:
   """Reads an Amazon category into a `core.Source` (design §2 steps 1-2)."""
-  src = AmazonSource(cfg.get("reviews", ""), cfg.get("meta", ""), skips, log)
+  src = AmazonSource(cfg.get("reviews", ""), cfg.get("meta", ""), skips, log,
+                     scan_workers=int(cfg.get("scan_workers", 0)))
   for field, path in (("data.reviews", src.reviews_path), ("data.meta", src.meta_path)):
     if not path or not pathlib.Path(path).expanduser().is_file():
       raise DataError(f"{field} file not found: {path or '(empty)'}")
@@ -272,6 +265,7 @@ def load(cfg: Any, skips: core.SkipLog, log: core.FilterLog) -> core.Source:
     log.record(f"max_users({cfg.get('max_users')})", before, inter.counts(),
                "raise data.max_users")
   inter = core.apply_kcore(inter, int(cfg.get("k_core", 5)), log, "k-core")
+  src.keep_offsets_of(inter.ref)
   src._texts_cache = {}
 
   def item_text(items: Iterable[int]) -> dict[int, str]:

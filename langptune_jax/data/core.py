@@ -115,7 +115,10 @@ class FilterLog:
 def drop_duplicates(inter: Interactions, skips: SkipLog, reason: str,
                     where: str) -> Interactions:
   """Drops repeated (user, item) pairs, keeping the earliest; counts the rest."""
-  order = np.lexsort((inter.ref, inter.ts, inter.item, inter.user))
+  # `inter` is sorted by (user, ts, ref): a stable sort on (user, item) keeps that
+  # order inside each pair, so the first row of a pair is its earliest.
+  pair = inter.user.astype(np.int64) * (int(inter.item.max(initial=0)) + 1) + inter.item
+  order = np.argsort(pair, kind="stable")
   su, si = inter.user[order], inter.item[order]
   dup = np.zeros(len(order), bool)
   dup[1:] = (su[1:] == su[:-1]) & (si[1:] == si[:-1])

@@ -7,6 +7,7 @@ turns, Llama 3 headers and ChatML (SmolLM2) are whatever the model expects.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 MOVIES_TV_INSTRUCTION = (
@@ -79,10 +80,33 @@ def prompt_content(instruction: str, blocks: Sequence[str]) -> str:
   return "\n\n".join([instruction, *blocks])
 
 
-def wrap_chat(tokenizer, content: str) -> str:
-  """`content` as one user turn plus the generation prompt, in the tokenizer's template."""
+def _render_chat(tokenizer, content: str) -> str:
   if not getattr(tokenizer, "chat_template", None):
     raise ValueError(
         f"encoder tokenizer {getattr(tokenizer, 'name_or_path', '?')} has no chat template")
   return tokenizer.apply_chat_template(
       [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+
+
+@functools.lru_cache(maxsize=8)
+def _chat_frame(tokenizer) -> tuple[str, str] | None:
+  """(prefix, suffix) the template puts around a user turn, or None if it is not a frame.
+
+  Rendering the Jinja template costs ~0.1 ms per prompt; for dataset-sized batches
+  the frame is rendered once with two placeholders and checked to be content-blind.
+  """
+  first, second = "\x00langptune-a\x00", "\x00langptune-b\x00"
+  out = _render_chat(tokenizer, first)
+  if out.count(first) != 1 or out.replace(first, second) != _render_chat(tokenizer, second):
+    return None
+  prefix, suffix = out.split(first)
+  return prefix, suffix
+
+
+def wrap_chat(tokenizer, content: str) -> str:
+  """`content` as one user turn plus the generation prompt, in the tokenizer's template."""
+  frame = _chat_frame(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+  # Templates may strip the turn's content (Gemma's `| trim`): such content goes the slow way.
+  if frame is None or not content or content != content.strip():
+    return _render_chat(tokenizer, content)
+  return frame[0] + content + frame[1]

@@ -187,10 +187,12 @@ def batch_encode(tok, texts: Sequence[str], add_special_tokens: bool = True,
   """Token ids of each text, untruncated, through the fast (Rust) batch path."""
   raw = _raw_backend(tok)
   out: list[list[int]] = []
+  # The ids are all we need: the fast variant skips character offsets.
+  encode = None if raw is None else getattr(raw, "encode_batch_fast", raw.encode_batch)
   for start in range(0, len(texts), batch_size):
     chunk = list(texts[start:start + batch_size])
-    if raw is not None:
-      out.extend(e.ids for e in raw.encode_batch(chunk, add_special_tokens=add_special_tokens))
+    if encode is not None:
+      out.extend(e.ids for e in encode(chunk, add_special_tokens=add_special_tokens))
     else:
       out.extend(tok(chunk, add_special_tokens=add_special_tokens)["input_ids"])
   return out
