@@ -156,10 +156,9 @@ def tree_bytes(state, shardings) -> int:
 
 def kv_cache_bytes(cfg: transformer.DecoderConfig, batch: int, cache_len: int, mesh,
                    rules=parallel.DEFAULT_RULES, dtype=None) -> int:
-  """Per-device bytes of the KV cache: 2 x layers x [batch, len, kv_heads, head_dim]."""
-  shape = (batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
-  spec = parallel.logical_to_spec(("activation_batch", "kv_length", "kv_heads", "head_dim"),
-                                  rules, mesh)
+  """Per-device bytes of the KV cache: 2 x layers x [batch, kv_heads, len, head_dim]."""
+  shape = (batch, cfg.num_kv_heads, cache_len, cfg.head_dim)
+  spec = parallel.logical_to_spec(transformer.KV_AXES, rules, mesh)
   sharding = NamedSharding(mesh, parallel.fit_spec(spec, shape, mesh))
   item = jnp.dtype(dtype or cfg.compute_dtype).itemsize
   return 2 * cfg.num_layers * int(math.prod(sharding.shard_shape(shape))) * item

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from langptune_jax import parallel
+from langptune_jax.models import transformer
 
 # How many times each jitted function was traced (tests check recompilation).
 TRACE_COUNTS: collections.Counter = collections.Counter()
@@ -94,7 +95,7 @@ def _constrain_batch(x: jax.Array) -> jax.Array:
 def _constrain_cache(cache):
   def one(x):
     if getattr(x, "ndim", 0) == 4:
-      return parallel.constrain(x, ("activation_batch", "kv_length", "kv_heads", "head_dim"))
+      return parallel.constrain(x, transformer.KV_AXES)
     return x
   return jax.tree.map(one, cache)
 

@@ -160,6 +160,10 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
   return out.astype(x.dtype)
 
 
+# Logical axes of a KV cache tensor (and of keys/values inside attention).
+KV_AXES = ("activation_batch", "kv_heads", "kv_length", "head_dim")
+
+
 def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
   return x if not cap else jnp.tanh(x / cap) * cap
 
@@ -213,26 +217,40 @@ class Attention(nnx.Module):
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
 
+    # Keys and values as [B, K, S, D]: each (row, head) is one contiguous [S, D]
+    # matrix, the layout both attention matmuls read without re-laying out the
+    # cache (a [B, S, K, D] cache was transposed whole at every decode step).
+    k = parallel.constrain(k.transpose(0, 2, 1, 3), KV_AXES)
+    v = parallel.constrain(v.transpose(0, 2, 1, 3), KV_AXES)
     new_cache = None
     if layer_cache is not None:
-      start = (0, end_index, 0, 0)
+      start = (0, 0, end_index, 0)
       k_all = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype),
                                            start)
       v_all = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype),
                                            start)
-      kv_axes = ("activation_batch", "kv_length", "kv_heads", "head_dim")
-      k_all, v_all = parallel.constrain(k_all, kv_axes), parallel.constrain(v_all, kv_axes)
+      k_all, v_all = parallel.constrain(k_all, KV_AXES), parallel.constrain(v_all, KV_AXES)
       new_cache = {"k": k_all, "v": v_all}
       k, v = k_all.astype(c.compute_dtype), v_all.astype(c.compute_dtype)
       q_slots = end_index + jnp.arange(t)
     else:
       q_slots = jnp.arange(t)
-    s = k.shape[1]
+    s = k.shape[2]
 
     groups = c.num_heads // c.num_kv_heads
-    q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k,
-                        preferred_element_type=jnp.float32) * c.attn_scale
+    # Both matmuls as explicit [B, K] batched products of row-major operands:
+    # [G*T, D] x [S, D]^T, then [G*T, S] x [S, D] (einsum's operand order led
+    # XLA:CPU to a transposed-V product that was slow at decode time).
+    q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim).transpose(0, 2, 3, 1, 4)
+    q = q.reshape(b, c.num_kv_heads, groups * t, c.head_dim)
+    batch_dims = ((0, 1), (0, 1))
+    if t == 1:  # decoding: products and sums beat B*K tiny matmuls on CPU
+      logits = jnp.sum(q[:, :, :, None, :].astype(jnp.float32) *
+                       k[:, :, None, :, :].astype(jnp.float32), axis=-1) * c.attn_scale
+    else:
+      logits = jax.lax.dot_general(q, k, (((3,), (3,)), batch_dims),
+                                   preferred_element_type=jnp.float32) * c.attn_scale
+    logits = logits.reshape(b, c.num_kv_heads, groups, t, s)
     logits = _softcap(logits, c.attn_logit_softcap)
     mask = attention_mask.astype(bool)
     if mask.shape != (b, t, s):
@@ -242,7 +260,13 @@ class Attention(nnx.Module):
       mask = mask & (distance < c.sliding_window)[None]
     logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
     probs = jax.nn.softmax(logits, axis=-1).astype(c.compute_dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, c.num_heads, c.head_dim)
+    probs = probs.reshape(b, c.num_kv_heads, groups * t, s)
+    if t == 1:
+      out = jnp.sum(probs[..., None] * v[:, :, None, :, :], axis=-2)  # [B, K, G, D]
+    else:
+      out = jax.lax.dot_general(probs, v, (((3,), (2,)), batch_dims))  # [B, K, G*T, D]
+    out = out.reshape(b, c.num_kv_heads, groups, t, c.head_dim).transpose(0, 3, 1, 2, 4)
+    out = out.reshape(b, t, c.num_heads, c.head_dim)
     out = parallel.constrain(out, ("activation_batch", "length", "heads", "head_dim"))
     out = self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim))
     return out, new_cache
@@ -320,7 +344,7 @@ class Decoder(nnx.Module):
     """An empty KV cache of `max_len` slots per row."""
     c = self.config
     dtype = _as_dtype(dtype or c.compute_dtype)
-    shape = (batch, max_len, c.num_kv_heads, c.head_dim)
+    shape = (batch, c.num_kv_heads, max_len, c.head_dim)  # KV_AXES
     return {"end_index": jnp.zeros((), jnp.int32),
             "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
                        for _ in range(c.num_layers)]}
