@@ -37,7 +37,6 @@ def get_config() -> ml_collections.ConfigDict:
   d.test_fraction = 0.2  # users held out (by order of first interaction), halved val/test
   d.min_test_interactions = 5
   d.max_users = 0  # 0: all; >0 keeps the first N users (demos, smoke runs)
-  d.shuffle_buffer = 10_000
   d.num_workers = 0  # grain worker processes (0: in-process)
   d.scan_workers = 0  # processes for the first reviews pass (0: by file size and CPUs)
 

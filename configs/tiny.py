@@ -21,7 +21,6 @@ def get_config():
   c.data.prompt_max_len = 64
   c.data.decoder_max_len = 32
   c.data.max_users = 64
-  c.data.shuffle_buffer = 64
 
   c.encoder.family = "llama"
   c.encoder.dtype = "float32"

@@ -290,7 +290,6 @@ def _validate_data(c: _Checker, require_data: bool) -> None:
   c.number("data.test_fraction", lo=0, hi=1, lo_open=True, hi_open=True)
   c.integer("data.min_test_interactions", lo=1)
   c.integer("data.max_users", lo=0, rule="must be >= 0 (0: all users)")
-  c.integer("data.shuffle_buffer", lo=0)
   c.integer("data.num_workers", lo=0)
   c.integer("data.scan_workers", lo=0)
 

@@ -30,8 +30,9 @@ from langptune_jax.weights import hf as hf_weights
 from langptune_jax.weights import tokenizer as tok_lib
 
 # Data settings that may differ between `prepare` and `train` (they don't shape the dataset);
-# every other data.* field, the seed and both tokenizer paths must match.
-_FREE_DATA_SETTINGS = ("dataset_dir", "shuffle_buffer", "num_workers")
+# every other data.* field, the seed and both tokenizer paths must match. `shuffle_buffer`
+# is a retired field that older datasets still record.
+_FREE_DATA_SETTINGS = ("dataset_dir", "num_workers", "scan_workers", "shuffle_buffer")
 
 
 def _user_split(columns: dict) -> UserSplit:
