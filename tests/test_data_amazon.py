@@ -169,18 +169,22 @@ def test_prompt_text_and_tokens(built, smollm2_gguf):
   assert all(dmask[i, :lengths[i]].all() and not dmask[i, lengths[i]:].any() for i in range(9))
 
 
-def test_gzip_input_gives_same_dataset(built, tmp_path, smollm2_gguf, minilm_dir):
-  _, path, stats = built
-  config = fx.amazon_config(tmp_path, smollm2_gguf, minilm_dir, gz=True)
-  gz_path, gz_stats = prepare.prepare(config)
-  assert gz_stats["splits"] == stats["splits"]
+def _assert_same_splits(path_a, path_b):
   for split in ("train", "val", "test", "items"):
-    a, b = loader.load_split(path, split), loader.load_split(gz_path, split)
+    a, b = loader.load_split(path_a, split), loader.load_split(path_b, split)
     for key in a:
       if isinstance(a[key], np.ndarray):
         np.testing.assert_array_equal(a[key], b[key])
       else:
         assert a[key] == b[key]
+
+
+def test_gzip_input_gives_same_dataset(built, tmp_path, smollm2_gguf, minilm_dir):
+  _, path, stats = built
+  config = fx.amazon_config(tmp_path, smollm2_gguf, minilm_dir, gz=True)
+  gz_path, gz_stats = prepare.prepare(config)
+  assert gz_stats["splits"] == stats["splits"]
+  _assert_same_splits(path, gz_path)
 
 
 def test_parallel_scan_gives_same_dataset(built, tmp_path, smollm2_gguf, minilm_dir):
@@ -191,13 +195,7 @@ def test_parallel_scan_gives_same_dataset(built, tmp_path, smollm2_gguf, minilm_
   par_path, par_stats = prepare.prepare(config)
   assert par_stats["skipped"] == stats["skipped"]
   assert par_stats["filters"] == stats["filters"]
-  for split in ("train", "val", "test", "items"):
-    a, b = loader.load_split(path, split), loader.load_split(par_path, split)
-    for key in a:
-      if isinstance(a[key], np.ndarray):
-        np.testing.assert_array_equal(a[key], b[key])
-      else:
-        assert a[key] == b[key]
+  _assert_same_splits(path, par_path)
 
 
 def test_line_aligned_ranges_cover_the_file(tmp_path):

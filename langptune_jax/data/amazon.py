@@ -18,7 +18,6 @@ with their first line numbers.
 
 from __future__ import annotations
 
-import gzip
 import os
 import pathlib
 from typing import Any, Iterable, Iterator
@@ -32,23 +31,12 @@ from langptune_jax.data import prompts as prompts_lib
 DataError = core.DataError
 
 
-def _is_gzip(path: str | os.PathLike) -> bool:
-  with open(path, "rb") as f:
-    return f.read(2) == b"\x1f\x8b"
-
-
-def _opener(gz: bool):
-  if gz:
-    return lambda path: gzip.open(path, "rb")
-  return lambda path: open(path, "rb", buffering=1 << 20)
-
-
 def open_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
   """(1-based line number, raw line bytes) of a plain or gzip JSONL file."""
   p = pathlib.Path(path).expanduser()
   if not str(path) or not p.is_file():
     raise DataError(f"input file not found: {p if str(path) else '(empty path)'}")
-  with _opener(_is_gzip(p))(p) as f:
+  with review_scan.open_binary(p) as f:
     for n, line in enumerate(f, start=1):
       yield n, line
 
@@ -94,6 +82,10 @@ class AmazonSource:
     self._review_text: dict[int, str] = {}
     self.review_passes = 0
     self.num_review_lines = 0
+    # Line number -> byte offset of each kept review, for seeks in pass 2 (plain files).
+    self._seekable = False
+    self._ref_lines = np.zeros(0, np.int32)
+    self._ref_offsets = np.zeros(0, np.int64)
 
   # --- meta ---------------------------------------------------------------
   def scan_meta(self) -> int:
@@ -153,7 +145,7 @@ class AmazonSource:
     """Reviews pass 1: compact integer arrays of valid reviews of known items."""
     path = str(pathlib.Path(self.reviews_path).expanduser())
     name = pathlib.Path(path).name
-    gz = _is_gzip(path)
+    gz = review_scan.is_gzip(path)  # gzip cannot be cut into byte ranges: one process
     workers = 1 if gz else review_scan.auto_workers(path, self.scan_workers)
     max_ex = self.skips.max_examples
     with _bar("reviews pass 1") as bar:
@@ -161,10 +153,9 @@ class AmazonSource:
         chunks = review_scan.scan_parallel(path, workers, self._item_index, max_ex, bar.update)
       else:
         chunks = [review_scan.scan_range(path, 0, None, self._item_index, max_ex,
-                                         opener=_opener(gz), progress=bar.update)]
+                                         progress=bar.update)]
     *columns, byte_offsets = self._merge(chunks, name)
-    # Line -> byte offset of every kept review (sorted by line), so that pass 2
-    # seeks to the few reviews it needs instead of reading the file again.
+    # Sorted by line: pass 2 seeks to the few reviews it needs instead of re-reading.
     self._seekable = not gz
     self._ref_lines, self._ref_offsets = columns[3], byte_offsets
     n = self.num_review_lines

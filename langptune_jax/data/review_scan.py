@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import array
 import dataclasses
+import gzip
 import json
 import multiprocessing
 import os
@@ -47,7 +48,15 @@ def _is_number(v: Any) -> bool:
   return type(v) is int or type(v) is float  # bool (an int subclass) excluded
 
 
-def _open_binary(path: str):
+def is_gzip(path: str | os.PathLike) -> bool:
+  with open(path, "rb") as f:
+    return f.read(2) == b"\x1f\x8b"
+
+
+def open_binary(path: str | os.PathLike):
+  """A plain or gzip file, opened for reading bytes (line iteration)."""
+  if is_gzip(path):
+    return gzip.open(path, "rb")
   return open(path, "rb", buffering=1 << 20)
 
 
@@ -67,9 +76,11 @@ class Chunk:
 
 
 def scan_range(path: str, start: int, end: int | None, item_index: dict[str, int],
-               max_examples: int, opener: Callable[[str], Any] = _open_binary,
-               progress: Callable[[int], None] | None = None) -> Chunk:
-  """Parses the lines in bytes [start, end) of `path` (end None: to the end)."""
+               max_examples: int, progress: Callable[[int], None] | None = None) -> Chunk:
+  """Parses the lines in bytes [start, end) of `path` (end None: to the end).
+
+  Byte ranges other than the whole file (start 0, end None) need a plain file.
+  """
   users: dict[str, int] = {}
   user_keys: list[str] = []
   u, it, ref = (array.array("i") for _ in range(3))
@@ -87,7 +98,7 @@ def scan_range(path: str, start: int, end: int | None, item_index: dict[str, int
 
   n = 0
   pos = start
-  with opener(path) as f:
+  with open_binary(path) as f:
     if start:
       f.seek(start)
     for line in f:
