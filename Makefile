@@ -14,7 +14,7 @@ export LANGPTUNE_CACHE
 # Re-install only when the package metadata changes (keeps `make test` quick).
 STAMP := $(VENV)/.install-stamp
 
-.PHONY: venv install assets test demo lint bench-sampling bench-prepare bench-train clean
+.PHONY: venv install assets test demo lint bench-sampling bench-floor bench-prepare bench-train clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -42,6 +42,9 @@ lint: install
 
 bench-sampling: install assets
 	$(PY) bench/sampling.py $(BENCH_ARGS)
+
+bench-floor: install
+	$(PY) bench/decode_floor.py $(BENCH_ARGS)
 
 bench-prepare: install assets
 	$(PY) bench/prepare.py $(BENCH_ARGS)

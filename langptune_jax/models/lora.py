@@ -14,6 +14,7 @@ of the base weights exists.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from typing import Sequence
 
@@ -61,11 +62,44 @@ class LoRA(nnx.Module):
       x = self.dropout(x)
     a = self.lora_a[...].astype(x.dtype)
     b = self.lora_b[...].astype(x.dtype)
-    return (x @ a) @ b * jnp.asarray(self.scale, x.dtype)
+    return low_rank_product(x, a, b, self.scale)
 
   def delta(self) -> jax.Array:
     """The dense weight update this adapter represents, [in, out]."""
     return self.lora_a[...] @ self.lora_b[...] * self.scale
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def low_rank_product(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+  """``(x @ a) @ b * scale`` for x [..., in], a [in, r], b [r, out].
+
+  The gradient is written out by hand so that every product is a plain
+  row-major matmul and the scale only ever touches rank-sized tensors. The
+  automatic transpose scaled the [..., out] cotangent and contracted over the
+  token axis of transposed operands, which on CPU cost a full-size copy and a
+  slow fallback matmul per adapter: about 4x the adapter's own work.
+  """
+  return ((x @ a) * jnp.asarray(scale, x.dtype)) @ b
+
+
+def _low_rank_fwd(x, a, b, scale):
+  u = (x @ a) * jnp.asarray(scale, x.dtype)
+  return u @ b, (x, u, a, b)
+
+
+def _low_rank_bwd(scale, residuals, dy):
+  x, u, a, b = residuals
+  x2 = x.reshape(-1, x.shape[-1])
+  u2 = u.reshape(-1, u.shape[-1])
+  dy2 = dy.reshape(-1, dy.shape[-1])
+  du = (dy2 @ b.T) * jnp.asarray(scale, dy.dtype)  # [tokens, r]
+  da = (du.T @ x2).T  # [r, tokens] @ [tokens, in]: both operands row-major
+  db = u2.T @ dy2
+  dx = (du @ a.T).reshape(x.shape)
+  return dx.astype(x.dtype), da.astype(a.dtype), db.astype(b.dtype)
+
+
+low_rank_product.defvjp(_low_rank_fwd, _low_rank_bwd)
 
 
 # Target name -> attribute name of the linear layer inside a block.
