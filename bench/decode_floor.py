@@ -22,6 +22,8 @@ import argparse
 import pathlib
 import time
 
+from sampling import write_results  # bench/sampling.py (this script's directory)
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYERS, EMBED, MLP, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 30, 576, 1536, 9, 3, 64, 49152
 
@@ -71,12 +73,11 @@ def measure(batches, reps: int) -> list[dict]:
 
   jax_head = jax.jit(lambda x, e: x @ e.T)
 
-  def torch_layers(x):
+  def torch_layers(x):  # called under torch.no_grad() below
     f = torch.nn.functional.linear
-    with torch.no_grad():
-      for q, k, v, o, gate, up, down in tw:
-        x = x + f(f(x, q), o) + f(torch.nn.functional.silu(f(x, gate)) * f(x, up), down)
-        x = x + 1e-6 * (f(x, k).sum() + f(x, v).sum())
+    for q, k, v, o, gate, up, down in tw:
+      x = x + f(f(x, q), o) + f(torch.nn.functional.silu(f(x, gate)) * f(x, up), down)
+      x = x + 1e-6 * (f(x, k).sum() + f(x, v).sum())
     return x
 
   rows = []
@@ -126,11 +127,7 @@ def main(argv=None):
   rows = measure([int(b) for b in args.batches.split(",")], args.reps)
   text = table(rows)
   print(text)
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_suffix(".tmp")
-  tmp.write_text(text)
-  tmp.replace(out)
+  write_results(args.out, text)
 
 
 if __name__ == "__main__":

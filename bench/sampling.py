@@ -327,6 +327,17 @@ def _table(args, res) -> str:
   return "\n".join(lines) + "\n"
 
 
+def write_results(out: str | os.PathLike, table: str, results: dict | None = None) -> None:
+  """Writes the markdown table atomically (never a half-written file), then the raw JSON."""
+  out = pathlib.Path(out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  tmp = out.with_suffix(".tmp")
+  tmp.write_text(table)
+  tmp.replace(out)
+  if results is not None:
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="")
@@ -366,12 +377,7 @@ def main(argv=None):
   results = {name: _run_worker(name, passthrough) for name in WORKERS}
   table = _table(args, results)
   print(table)
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_suffix(".tmp")
-  tmp.write_text(table)
-  tmp.replace(out)  # atomic
-  (out.with_suffix(".json")).write_text(json.dumps(results, indent=1))
+  write_results(args.out, table, results)
 
 
 if __name__ == "__main__":

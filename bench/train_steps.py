@@ -551,12 +551,7 @@ def main(argv=None):
   command = " ".join([".venv/bin/python bench/train_steps.py"] + sys.argv[1:])
   table = _table(args, results, loadavg, command)
   print(table)
-  out = pathlib.Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = out.with_suffix(".tmp")
-  tmp.write_text(table)
-  tmp.replace(out)  # atomic
-  out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+  _sb.write_results(args.out, table, results)
 
 
 if __name__ == "__main__":
