@@ -14,7 +14,7 @@ export LANGPTUNE_CACHE
 # Re-install only when the package metadata changes (keeps `make test` quick).
 STAMP := $(VENV)/.install-stamp
 
-.PHONY: venv install assets test demo lint bench-sampling bench-floor bench-prepare bench-train clean
+.PHONY: venv install assets test demo lint bench-sampling bench-floor bench-attention bench-prepare bench-train clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -45,6 +45,9 @@ bench-sampling: install assets
 
 bench-floor: install
 	$(PY) bench/decode_floor.py $(BENCH_ARGS)
+
+bench-attention: install
+	$(PY) bench/attention.py $(BENCH_ARGS)
 
 bench-prepare: install assets
 	$(PY) bench/prepare.py $(BENCH_ARGS)

@@ -24,15 +24,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from langptune_jax import parallel
+from langptune_jax.models import attention as attention_lib
 from langptune_jax.models import layers
 from langptune_jax.models import lora as lora_lib
 
 FAMILIES = ("llama", "gemma", "gemma2", "gemma3")
 ACTIVATIONS = ("silu", "gelu_tanh")
 REMAT_POLICIES = ("none", "full", "dots")
-# Finite "minus infinity": a fully masked row (a padding query) then yields a
-# uniform softmax instead of NaNs.
-_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 Cache = dict[str, Any]
 
@@ -238,38 +236,59 @@ class Attention(nnx.Module):
     s = k.shape[2]
 
     groups = c.num_heads // c.num_kv_heads
-    # Both matmuls as explicit [B, K] batched products of row-major operands:
-    # [G*T, D] x [S, D]^T, then [G*T, S] x [S, D] (einsum's operand order led
-    # XLA:CPU to a transposed-V product that was slow at decode time).
-    q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim).transpose(0, 2, 3, 1, 4)
-    q = q.reshape(b, c.num_kv_heads, groups * t, c.head_dim)
-    batch_dims = ((0, 1), (0, 1))
-    if t == 1:  # decoding: products and sums beat B*K tiny matmuls on CPU
-      logits = jnp.sum(q[:, :, :, None, :].astype(jnp.float32) *
-                       k[:, :, None, :, :].astype(jnp.float32), axis=-1) * c.attn_scale
-    else:
-      logits = jax.lax.dot_general(q, k, (((3,), (3,)), batch_dims),
-                                   preferred_element_type=jnp.float32) * c.attn_scale
-    logits = logits.reshape(b, c.num_kv_heads, groups, t, s)
-    logits = _softcap(logits, c.attn_logit_softcap)
     mask = attention_mask.astype(bool)
     if mask.shape != (b, t, s):
       raise ValueError(f"attention_mask shape {mask.shape}: expected {(b, t, s)}")
     if self.is_local:
       distance = q_slots[:, None] - jnp.arange(s)[None, :]
       mask = mask & (distance < c.sliding_window)[None]
-    logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(c.compute_dtype)
-    probs = probs.reshape(b, c.num_kv_heads, groups * t, s)
+    # Queries as [B, K, G*T, D]: each key/value head's G query heads stacked,
+    # so both matmuls are [B, K]-batched products of row-major operands
+    # (einsum's operand order led XLA:CPU to a slow transposed-V product).
+    q = q.reshape(b, t, c.num_kv_heads, groups, c.head_dim).transpose(0, 2, 3, 1, 4)
+    q = q.reshape(b, c.num_kv_heads, groups * t, c.head_dim)
     if t == 1:
-      out = jnp.sum(probs[..., None] * v[:, :, None, :, :], axis=-2)  # [B, K, G, D]
+      out = self._decode_step_attention(q, k, v, mask)
+    elif c.attn_logit_softcap:
+      out = self._softcapped_attention(q, k, v, mask)
+    elif layer_cache is None:  # queries and keys are the same T slots
+      causal = jnp.arange(s)[None, :] <= q_slots[:, None]  # a causal LM, whatever the mask says
+      out = attention_lib.causal_attention(q, k, v, mask & causal[None], c.attn_scale,
+                                           num_chunks=min(4, t // 64))
     else:
-      out = jax.lax.dot_general(probs, v, (((3,), (2,)), batch_dims))  # [B, K, G*T, D]
+      out = attention_lib.masked_attention(q, k, v, mask, c.attn_scale)
     out = out.reshape(b, c.num_kv_heads, groups, t, c.head_dim).transpose(0, 3, 1, 2, 4)
     out = out.reshape(b, t, c.num_heads, c.head_dim)
     out = parallel.constrain(out, ("activation_batch", "length", "heads", "head_dim"))
     out = self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim))
     return out, new_cache
+
+  def _decode_step_attention(self, q, k, v, mask):
+    """One query per row: products and sums beat B*K tiny matmuls on CPU."""
+    c = self.config
+    logits = jnp.sum(q[:, :, :, None, :].astype(jnp.float32) *
+                     k[:, :, None, :, :].astype(jnp.float32), axis=-1) * c.attn_scale
+    probs = self._masked_softmax(logits, mask)
+    return jnp.sum(probs[..., None] * v[:, :, None, :, :], axis=-2)  # [B, K, G, D]
+
+  def _softcapped_attention(self, q, k, v, mask):
+    """Gemma 2's soft-capped scores, differentiated by autodiff."""
+    c = self.config
+    batch_dims = ((0, 1), (0, 1))
+    logits = jax.lax.dot_general(q, k, (((3,), (3,)), batch_dims),
+                                 preferred_element_type=jnp.float32) * c.attn_scale
+    probs = self._masked_softmax(logits, mask)
+    return jax.lax.dot_general(probs, v, (((3,), (2,)), batch_dims))
+
+  def _masked_softmax(self, logits, mask):
+    """[B, K, G*T, S] float32 scores -> soft-capped, masked probabilities."""
+    b, kv_heads, rows, s = logits.shape
+    t = mask.shape[1]
+    logits = _softcap(logits, self.config.attn_logit_softcap)
+    logits = logits.reshape(b, kv_heads, rows // t, t, s)
+    logits = jnp.where(mask[:, None, None], logits, attention_lib.MASK_VALUE)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.config.compute_dtype)
+    return probs.reshape(b, kv_heads, rows, s)
 
 
 class MLP(nnx.Module):

@@ -1,0 +1,149 @@
+"""The train, evaluate and export commands end to end, on MovieLens-100K with small models.
+
+Encoder: a tiny random Llama saved as an HF directory with the SmolLM2
+tokenizer; decoder: the real all-MiniLM-L6-v2. One module-scoped run trains
+with checkpoints, then `evaluate` and `export` work from its run directory.
+"""
+
+import json
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
+
+import tiny  # noqa: E402
+
+from langptune_jax import config as config_lib  # noqa: E402
+from langptune_jax import parallel  # noqa: E402
+from langptune_jax.models import embedder as embedder_lib  # noqa: E402
+from langptune_jax.train import commands  # noqa: E402
+from langptune_jax.weights import tokenizer as tok_lib  # noqa: E402
+
+CL_USERS = 24
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory, smollm2_gguf):
+  """A 1-block random Llama over the SmolLM2 vocabulary, with its tokenizer."""
+  path = tmp_path_factory.mktemp("tiny_encoder")
+  tokenizer = tok_lib.load_tokenizer(smollm2_gguf)
+  torch.manual_seed(0)
+  config = transformers.LlamaConfig(
+      vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+  transformers.LlamaForCausalLM(config).save_pretrained(path)
+  tokenizer.save_pretrained(str(path))
+  return str(path)
+
+
+def run_config(encoder_dir, minilm_dir, ml100k_dir):
+  cfg = tiny.get_config()
+  cfg.encoder.path, cfg.decoder.path = str(encoder_dir), str(minilm_dir)
+  cfg.data.movielens_dir = str(ml100k_dir)
+  cfg.data.history_len = 3
+  cfg.data.prompt_max_len = 192
+  cfg.data.max_users = 96
+  cfg.rl.response_length = 8
+  cfg.train.cl_users = CL_USERS
+  cfg.eval.greedy = True  # the same profiles whoever asks: train's last evaluation, evaluate
+  cfg.eval.baselines = ("reference_query", "popularity")
+  cfg.checkpoint.enabled = True
+  cfg.checkpoint.every_steps = 100  # only the phase-boundary and final checkpoints
+  config_lib.validate(cfg, num_devices=jax.device_count())
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, encoder_dir, minilm_dir, ml100k_dir):
+  """A run stopped after its first update, inspected, then resumed to the end."""
+  workdir = tmp_path_factory.mktemp("run")
+  cfg = run_config(encoder_dir, minilm_dir, ml100k_dir)
+  cfg.train.stop_after_steps = 1
+  assert commands.train(cfg, str(workdir)) == 0
+  trainer = commands.build_trainer(cfg, str(workdir))
+  try:
+    assert trainer.restore()
+    stopped = {"position": dict(trainer.position), "profiles": trainer.profiles}
+  finally:
+    trainer.close()
+  cfg.train.stop_after_steps = 0
+  assert commands.train(cfg, str(workdir)) == 0
+  return cfg, workdir, stopped
+
+
+def test_cl_phase_trains_on_train_cl_users_profiles(trained):
+  _, _, stopped = trained
+  assert stopped["position"]["phase"] == "cl", stopped["position"]
+  # The CL phase wrote (and checkpointed) profiles for exactly train.cl_users users.
+  assert len(stopped["profiles"].texts) == CL_USERS
+  assert stopped["profiles"].decoder_tokens.shape[0] == CL_USERS
+
+
+def test_resumed_run_finishes_with_both_evaluations(trained):
+  _, workdir, _ = trained
+  results = json.loads((workdir / "results.json").read_text())
+  assert [e["tag"] for e in results["evaluations"]][0] == "zero_shot"
+  assert len(results["evaluations"]) == 2
+  assert (workdir / "results.md").exists() and (workdir / "curves.png").exists()
+
+
+def test_evaluate_reproduces_the_final_evaluation(trained, capsys):
+  cfg, workdir, _ = trained
+  assert commands.evaluate(cfg, str(workdir)) == 0
+  final = json.loads((workdir / "results.json").read_text())["evaluations"][-1]
+  written = json.loads((workdir / "evaluate_checkpoint_iteration_1.json").read_text())
+  ours = written["evaluate_checkpoint_iteration_1"]
+  assert ours == pytest.approx(final["results"][final["tag"]], abs=1e-6)
+  assert set(written) == {"evaluate_checkpoint_iteration_1", "reference_query", "popularity"}
+  assert "evaluate_checkpoint_iteration_1" in capsys.readouterr().out
+
+
+def test_export_matches_the_trained_models(trained):
+  cfg, workdir, _ = trained
+  assert commands.export(cfg, str(workdir)) == 0
+  trainer = commands.build_trainer(cfg, str(workdir))
+  try:
+    assert trainer.restore()
+    tokens = np.asarray(trainer.data.val.prompt_tokens[:2])
+    mask = np.asarray(trainer.data.val.prompt_mask[:2])
+    positions = np.maximum(np.cumsum(mask, -1) - 1, 0)  # left padding
+    causal = np.tril(np.ones((tokens.shape[1],) * 2, bool))[None] & mask[:, None, :]
+    with parallel.use_mesh(trainer.mesh, trainer.rules):
+      ours, _ = trainer.encoder_state.model(jnp.asarray(tokens), jnp.asarray(positions),
+                                            jnp.asarray(causal))
+      item_tokens, item_mask = trainer.data.item_tokens[:4], trainer.data.item_mask[:4]
+      our_items = trainer.decoder_state.model(jnp.asarray(item_tokens), jnp.asarray(item_mask))
+  finally:
+    trainer.close()
+
+  encoder = transformers.AutoModelForCausalLM.from_pretrained(workdir / "export" / "encoder")
+  with torch.no_grad():
+    theirs = encoder(input_ids=torch.tensor(tokens, dtype=torch.long),
+                     attention_mask=torch.tensor(mask, dtype=torch.long),
+                     position_ids=torch.tensor(positions, dtype=torch.long)).logits.numpy()
+  valid = mask.astype(bool)
+  np.testing.assert_allclose(np.asarray(ours)[valid], theirs[valid], atol=1e-4)
+
+  bert = transformers.AutoModel.from_pretrained(workdir / "export" / "decoder")
+  with torch.no_grad():
+    hidden = bert(input_ids=torch.tensor(item_tokens, dtype=torch.long),
+                  attention_mask=torch.tensor(item_mask, dtype=torch.long)).last_hidden_state
+  m = torch.tensor(item_mask, dtype=torch.float32)[..., None]
+  pooled = (hidden * m).sum(1) / m.sum(1)
+  theirs_items = torch.nn.functional.normalize(pooled, dim=-1).numpy()
+  np.testing.assert_allclose(np.asarray(our_items), theirs_items, atol=1e-5)
+  # Training moved the decoder away from the MiniLM it started from.
+  source = embedder_lib.load_embedder("bert", cfg.decoder.path, pooling="mean")
+  assert float(jnp.max(jnp.abs(source(jnp.asarray(item_tokens), jnp.asarray(item_mask))
+                               - our_items))) > 1e-4
+  # The exported tokenizer is the encoder's, chat template included.
+  exported = transformers.AutoTokenizer.from_pretrained(workdir / "export" / "encoder")
+  assert exported.chat_template and len(exported) == encoder.config.vocab_size
