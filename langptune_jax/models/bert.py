@@ -24,7 +24,6 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from langptune_jax import parallel
-from langptune_jax.models import attention as attention_lib
 from langptune_jax.models import layers
 
 _ACTIVATIONS = {
@@ -50,7 +49,7 @@ class BertConfig:
   dtype: Any = jnp.float32  # compute dtype
   param_dtype: Any = jnp.float32
   remat: bool = False  # recompute each block in the backward pass (saves activation memory)
-  # 'einsum': explicit scores (models/attention.py), any key mask. 'fused': jax.nn.dot_product_attention with
+  # 'einsum': explicit scores, any key mask. 'fused': jax.nn.dot_product_attention with
   # per-row key lengths (cuDNN flash attention on GPU in bf16), which needs RIGHT padding.
   attention: str = "einsum"
 
@@ -142,18 +141,19 @@ class BertAttention(nnx.Module):
     return parallel.constrain(x, ("activation_batch", "length", "heads", "head_dim"))
 
   def __call__(self, x: jax.Array, key_mask: jax.Array) -> jax.Array:
-    q, k, v = self._split(self.query(x)), self._split(self.key(x)), self._split(self.value(x))
-    scale = self.head_dim ** -0.5
+    q = self._split(self.query(x)) * jnp.asarray(self.head_dim ** -0.5, self.dtype)
+    k = self._split(self.key(x))
+    v = self._split(self.value(x))
     if self.fused:
       # Right padding: the real keys of a row are its first `length` positions.
       lengths = jnp.sum(key_mask, axis=1, dtype=jnp.int32)
-      ctx = jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=lengths)
+      ctx = jax.nn.dot_product_attention(q, k, v, scale=1.0, key_value_seq_lengths=lengths)
     else:
-      # [B, H, T, D] per head; every query of a row shares the key mask [B, 1, S].
-      heads_first = lambda a: a.transpose(0, 2, 1, 3)
-      ctx = attention_lib.masked_attention(heads_first(q), heads_first(k), heads_first(v),
-                                           key_mask[:, None, :], scale)
-      ctx = heads_first(ctx)
+      # Scores and softmax in float32 whatever the compute dtype.
+      scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+      scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+      ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     ctx = parallel.constrain(ctx, ("activation_batch", "length", "heads", "head_dim"))
     b, t = ctx.shape[:2]
     y = self.out(ctx.reshape(b, t, self.num_heads * self.head_dim))
