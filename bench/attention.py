@@ -21,23 +21,13 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
-import time
 
-from sampling import write_results  # bench/sampling.py (this script's directory)
+from decode_floor import best_of  # bench/ (this script's directory)
+from sampling import write_results
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 PAD = 40  # left padding of every row: those queries see no key
-
-
-def _best(fn, reps: int) -> float:
-  fn()  # warm-up (and compilation on the JAX side)
-  best = float("inf")
-  for _ in range(reps):
-    start = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - start)
-  return best
 
 
 def measure(batch: int, length: int, layers: int, reps: int) -> dict[str, dict[str, float]]:
@@ -81,8 +71,8 @@ def measure(batch: int, length: int, layers: int, reps: int) -> dict[str, dict[s
       return jnp.sum(q ** 2)
     forward = jax.jit(loss)
     backward = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    out[name] = {"forward": _best(lambda f=forward: f(*args).block_until_ready(), reps),
-                 "forward+backward": _best(
+    out[name] = {"forward": best_of(lambda f=forward: f(*args).block_until_ready(), reps),
+                 "forward+backward": best_of(
                      lambda b=backward: jax.block_until_ready(b(*args)), reps)}
 
   tq = torch.from_numpy(q.reshape(batch, KV_HEADS * groups, length, HEAD_DIM)).requires_grad_()
@@ -100,8 +90,8 @@ def measure(batch: int, length: int, layers: int, reps: int) -> dict[str, dict[s
     with torch.no_grad():
       torch_loss()
 
-  out["torch SDPA"] = {"forward": _best(torch_forward, reps),
-                       "forward+backward": _best(lambda: torch_loss().backward(), reps)}
+  out["torch SDPA"] = {"forward": best_of(torch_forward, reps),
+                       "forward+backward": best_of(lambda: torch_loss().backward(), reps)}
   return out
 
 

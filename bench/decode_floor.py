@@ -35,7 +35,8 @@ def _shapes():
           (MLP, EMBED)]
 
 
-def _best(fn, reps: int) -> float:
+def best_of(fn, reps: int) -> float:
+  """Seconds of the fastest of `reps` calls, after one untimed warm-up call."""
   fn()  # warm-up (and compilation on the JAX side)
   best = float("inf")
   for _ in range(reps):
@@ -87,10 +88,10 @@ def measure(batches, reps: int) -> list[dict]:
     with torch.no_grad():
       row = {
           "batch": batch,
-          "jax_layers": _best(lambda: jax_layers(jx, jw).block_until_ready(), reps),
-          "jax_head": _best(lambda: jax_head(jx, jhead).block_until_ready(), reps),
-          "torch_layers": _best(lambda: torch_layers(tx), reps),
-          "torch_head": _best(lambda: torch.nn.functional.linear(tx, thead), reps),
+          "jax_layers": best_of(lambda: jax_layers(jx, jw).block_until_ready(), reps),
+          "jax_head": best_of(lambda: jax_head(jx, jhead).block_until_ready(), reps),
+          "torch_layers": best_of(lambda: torch_layers(tx), reps),
+          "torch_head": best_of(lambda: torch.nn.functional.linear(tx, thead), reps),
       }
     rows.append(row)
   return rows
