@@ -35,16 +35,22 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 _BATCH_DIMS = ((0, 1), (0, 1))
 
 
-def _forward(q, k, v, mask, scale):
-  """(out, e, inv_l, live): the output and what the gradient needs."""
-  b, kv_heads, rows, _ = q.shape
+def masked_scores(scores: jax.Array, mask: jax.Array) -> jax.Array:
+  """[B, K, G*T, S] scores -> [B, K, G, T, S] with masked entries set to MASK_VALUE."""
+  b, kv_heads, rows, s = scores.shape
   t = mask.shape[-2]
   if rows % t:
     raise ValueError(f"attention: {rows} query rows are not a multiple of the mask's {t} rows")
+  scores = scores.reshape(b, kv_heads, rows // t, t, s)
+  return jnp.where(mask[:, None, None], scores, MASK_VALUE)
+
+
+def _forward(q, k, v, mask, scale):
+  """(out, e, inv_l, live): the output and what the gradient needs."""
+  b, kv_heads, rows, _ = q.shape
   scores = jax.lax.dot_general(q, k, (((3,), (3,)), _BATCH_DIMS),
                                preferred_element_type=jnp.float32) * scale
-  scores = scores.reshape(b, kv_heads, rows // t, t, -1)
-  scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+  scores = masked_scores(scores, mask)
   row_max = jnp.max(scores, axis=-1, keepdims=True)
   e = jnp.exp(scores - row_max)
   inv_l = (1.0 / jnp.sum(e, axis=-1, keepdims=True)).reshape(b, kv_heads, rows, 1)

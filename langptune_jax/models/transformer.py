@@ -282,13 +282,10 @@ class Attention(nnx.Module):
 
   def _masked_softmax(self, logits, mask):
     """[B, K, G*T, S] float32 scores -> soft-capped, masked probabilities."""
-    b, kv_heads, rows, s = logits.shape
-    t = mask.shape[1]
-    logits = _softcap(logits, self.config.attn_logit_softcap)
-    logits = logits.reshape(b, kv_heads, rows // t, t, s)
-    logits = jnp.where(mask[:, None, None], logits, attention_lib.MASK_VALUE)
+    logits = attention_lib.masked_scores(_softcap(logits, self.config.attn_logit_softcap), mask)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.config.compute_dtype)
-    return probs.reshape(b, kv_heads, rows, s)
+    b, kv_heads, groups, t, s = probs.shape
+    return probs.reshape(b, kv_heads, groups * t, s)
 
 
 class MLP(nnx.Module):
