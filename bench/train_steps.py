@@ -16,9 +16,12 @@ The workload is identical on both sides (float32, CPU):
 
 Ours is :class:`langptune_jax.train.loop.Trainer` (``rlso_update``, ``cl_step``);
 torch is HF ``generate`` plus a plain LoRA wrapper, one-forward sequence
-log-probs, the same loss math and ``torch.optim.AdamW``. Each side runs in its
-own subprocess (peak RSS per side); our first call (tracing + XLA compilation)
-is reported separately, then ``--reps`` calls are timed and the median kept.
+log-probs, the same loss math and ``torch.optim.AdamW``. For the RLSO update
+each side runs in its own subprocess (peak RSS per side); our first call
+(tracing + XLA compilation) is reported separately, then ``--reps`` calls are
+timed and the median kept. The CL step lasts under a second, less than this
+kind of shared VM drifts between two processes, so both CL steps run in a third
+process, alternating call by call, ``--cl_reps`` calls each.
 Achieved GFLOP/s use the analytic model FLOPs of :mod:`langptune_jax.flops` and
 are compared with a plain float32 matmul measured in the same process.
 
@@ -29,6 +32,7 @@ are compared with a plain float32 matmul measured in the same process.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -76,8 +80,8 @@ def _item_texts(count: int) -> list[str]:
   return texts
 
 
-def _workload(args, vocab: int) -> dict:
-  """Prompts, targets, histories and CL texts, from fixed seeds."""
+def _workload(args, vocab: int | None = None) -> dict:
+  """Targets, histories, CL texts and (given the encoder's vocabulary) prompts, from fixed seeds."""
   import numpy as np
   rng = np.random.default_rng(0)
   items = _item_texts(args.items)
@@ -86,9 +90,10 @@ def _workload(args, vocab: int) -> dict:
                                  replace=False) for t in targets]).astype(np.int32)
   # CL pairs: a profile-like text built from the history, and the target's text.
   profiles = ["The user enjoys movies such as " + " ".join(items[i] for i in h) for h in history]
-  return {"prompts": _sb._prompts(args.prompts, args.prompt_len, vocab, seed=0).astype(np.int32),
-          "targets": targets, "history": history, "item_texts": items,
-          "cl_profiles": profiles}
+  out = {"targets": targets, "history": history, "item_texts": items, "cl_profiles": profiles}
+  if vocab is not None:
+    out["prompts"] = _sb._prompts(args.prompts, args.prompt_len, vocab, seed=0).astype(np.int32)
+  return out
 
 
 def _rlso_flops(config, args) -> float:
@@ -211,22 +216,7 @@ def worker_jax(args) -> dict:
 
     out["rollout_s"] = statistics.median(_timed(rollout, args.reps))
 
-  ptok, pmask = embedder_lib.tokenize_texts(dec_tok, w["cl_profiles"], args.profile_len)
-  batch = parallel.global_batch({
-      "profile_tokens": ptok, "profile_mask": pmask, "item_tokens": item_tokens[w["targets"]],
-      "item_mask": item_mask[w["targets"]], "item_ids": w["targets"]}, mesh, trainer.rules)
-  losses = []
-
-  def cl():
-    trainer.decoder_state.state, metrics = trainer.cl_step(trainer.decoder_state.state, batch)
-    losses.append(float(metrics["loss"]))  # float() waits for the step
-
-  first = _timed(cl, 1)[0]
-  times = _timed(cl, args.reps)
-  out["cl"] = {"times": times, "seconds": statistics.median(times),
-               "compile_s": max(first - statistics.median(times), 0.0), "losses": losses}
   out["rlso"]["flops"] = _rlso_flops(enc_config, args)
-  out["cl"]["flops"] = _cl_flops(_bert_config(minilm), args)
   out["matmul_flops"] = _sb._jax_matmul_flops(args.matmul_n)
   out["peak_rss_mib"] = _sb._peak_rss_mib()
   out["versions"] = {"jax": jax.__version__, "flax": importlib.import_module("flax").__version__}
@@ -287,24 +277,14 @@ def worker_torch(args) -> dict:
   minilm = assets.asset_path("minilm")
   # eval(): our BERT has no dropout, so torch's must not drop either (gradients still flow).
   bert = transformers.BertModel.from_pretrained(minilm, add_pooling_layer=False).eval()
-  bert_opt = torch.optim.AdamW(bert.parameters(), lr=LR_CL, eps=ADAM_EPS, weight_decay=0.0)
   enc_tok = tok_lib.load_tokenizer(str(gguf))
   dec_tok = transformers.AutoTokenizer.from_pretrained(minilm)
   w = _workload(args, lm.config.vocab_size)
   load_s = time.perf_counter() - start
   out = {"load_s": load_s}
 
-  def tokenize(texts, length):
-    enc = dec_tok(texts, padding="max_length", truncation=True, max_length=length,
-                  return_tensors="pt")
-    return enc["input_ids"], enc["attention_mask"]
-
-  def embed(tokens, mask):
-    hidden = bert(input_ids=tokens, attention_mask=mask).last_hidden_state
-    m = mask[..., None].to(hidden.dtype)
-    pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
-    return torch.nn.functional.normalize(pooled, dim=-1)
-
+  tokenize = functools.partial(_torch_tokenize, dec_tok)
+  embed = functools.partial(_torch_embed, bert)
   item_tokens, item_mask = tokenize(w["item_texts"], args.item_len)
 
   def embed_catalogue():
@@ -379,24 +359,6 @@ def worker_torch(args) -> dict:
                  "reward": rl_metrics[-1]["reward"], "loss": rl_metrics[-1]["loss"]}
   out["rollout_s"] = statistics.median(_timed(lambda: rollout(n), args.reps))
 
-  ptok, pmask = tokenize(w["cl_profiles"], args.profile_len)
-  itok, imask = item_tokens[w["targets"]], item_mask[w["targets"]]
-  ids = torch.tensor(w["targets"])
-  losses = []
-
-  def cl_step():
-    bert_opt.zero_grad(set_to_none=True)
-    logits = embed(ptok, pmask) @ embed(itok, imask).T / CL_TEMPERATURE
-    eye = torch.eye(len(ids), dtype=torch.bool)
-    logits = logits.masked_fill((ids[:, None] == ids[None, :]) & ~eye, float("-inf"))
-    loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(ids)))
-    loss.backward()
-    bert_opt.step()
-    losses.append(loss.detach().item())
-
-  cl_step()  # warm-up
-  times = _timed(cl_step, args.reps)
-  out["cl"] = {"times": times, "seconds": statistics.median(times), "losses": losses}
   out["matmul_flops"] = _sb._torch_matmul_flops(args.matmul_n)
   out["peak_rss_mib"] = _sb._peak_rss_mib()
   out["threads"] = torch.get_num_threads()
@@ -404,7 +366,106 @@ def worker_torch(args) -> dict:
   return out
 
 
-WORKERS = {"jax": worker_jax, "torch": worker_torch}
+def _torch_tokenize(tokenizer, texts, length):
+  enc = tokenizer(texts, padding="max_length", truncation=True, max_length=length,
+                  return_tensors="pt")
+  return enc["input_ids"], enc["attention_mask"]
+
+
+def _torch_embed(bert, tokens, mask):
+  """Mean-pooled, L2-normalised MiniLM embeddings (as our decoder with pooling='mean')."""
+  import torch
+  hidden = bert(input_ids=tokens, attention_mask=mask).last_hidden_state
+  m = mask[..., None].to(hidden.dtype)
+  pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+  return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+# --- the CL step, both sides in one process -----------------------------------
+
+def worker_cl(args) -> dict:
+  """Our CL step and torch's, alternating call by call on the same (profile, item) pairs."""
+  import jax
+  import torch
+  import transformers
+  sys.path.insert(0, str(ROOT / "configs"))
+  import demo  # pylint: disable=g-import-not-at-top
+
+  from langptune_jax import assets, parallel
+  from langptune_jax.models import embedder as embedder_lib
+  from langptune_jax.train import contrastive, loop
+  from langptune_jax.train import state as state_lib
+  from langptune_jax.weights import tokenizer as tok_lib
+
+  if args.torch_threads:
+    torch.set_num_threads(args.torch_threads)
+  cfg = demo.get_config()
+  cfg.mesh.update(data=1, fsdp=1, tensor=1)
+  cfg.cl.update(lr=LR_CL, batch_size=args.prompts, temperature=CL_TEMPERATURE,
+                micro_batch_size=0, adam_eps=ADAM_EPS)
+  mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
+  rules = parallel.rules_from_config(cfg.mesh.rules)
+  minilm = assets.asset_path("minilm")
+  w = _workload(args)
+  ids = w["targets"]
+  item_texts = [w["item_texts"][i] for i in ids]
+
+  # Ours: the decoder's train state and CL step built as Trainer builds them.
+  decoder = embedder_lib.load_embedder("bert", minilm, pooling="mean")
+  wrt = loop.decoder_trainable_filter(decoder, int(cfg.decoder.num_layers_unfrozen))
+  train_state = state_lib.TrainState.create(
+      decoder, state_lib.adamw(cfg.cl, int(cfg.cl.num_emb_updates)), wrt, mesh, rules)
+  cl_step = contrastive.make_cl_step(train_state, mesh, temperature=CL_TEMPERATURE, rules=rules)
+  dec_tok = tok_lib.load_tokenizer(minilm)
+  ptok, pmask = embedder_lib.tokenize_texts(dec_tok, w["cl_profiles"], args.profile_len)
+  itok, imask = embedder_lib.tokenize_texts(dec_tok, item_texts, args.item_len)
+  batch = parallel.global_batch({"profile_tokens": ptok, "profile_mask": pmask,
+                                 "item_tokens": itok, "item_mask": imask, "item_ids": ids},
+                                mesh, rules)
+  ours_losses = []
+
+  def ours():
+    train_state.state, metrics = cl_step(train_state.state, batch)
+    ours_losses.append(float(metrics["loss"]))  # float() waits for the step
+
+  # Torch: the same pairs, every MiniLM weight trains.
+  bert = transformers.BertModel.from_pretrained(minilm, add_pooling_layer=False).eval()
+  bert_opt = torch.optim.AdamW(bert.parameters(), lr=LR_CL, eps=ADAM_EPS, weight_decay=0.0)
+  hf_tok = transformers.AutoTokenizer.from_pretrained(minilm)
+  t_ptok, t_pmask = _torch_tokenize(hf_tok, w["cl_profiles"], args.profile_len)
+  t_itok, t_imask = _torch_tokenize(hf_tok, item_texts, args.item_len)
+  t_ids = torch.tensor(ids)
+  eye = torch.eye(len(ids), dtype=torch.bool)
+  torch_losses = []
+
+  def theirs():
+    bert_opt.zero_grad(set_to_none=True)
+    logits = (_torch_embed(bert, t_ptok, t_pmask) @ _torch_embed(bert, t_itok, t_imask).T
+              / CL_TEMPERATURE)
+    logits = logits.masked_fill((t_ids[:, None] == t_ids[None, :]) & ~eye, float("-inf"))
+    loss = torch.nn.functional.cross_entropy(logits, torch.arange(len(ids)))
+    loss.backward()
+    bert_opt.step()
+    torch_losses.append(loss.detach().item())
+
+  first = _timed(ours, 1)[0]
+  theirs()  # warm-up
+  ours_times, torch_times = [], []
+  for _ in range(args.cl_reps):
+    ours_times += _timed(ours, 1)
+    torch_times += _timed(theirs, 1)
+  seconds = statistics.median(ours_times)
+  flops = _cl_flops(_bert_config(minilm), args)
+  return {"ours": {"times": ours_times, "seconds": seconds, "losses": ours_losses,
+                   "compile_s": max(first - seconds, 0.0), "flops": flops},
+          "torch": {"times": torch_times, "seconds": statistics.median(torch_times),
+                    "losses": torch_losses},
+          "matmul_flops": {"jax": _sb._jax_matmul_flops(args.matmul_n),
+                           "torch": _sb._torch_matmul_flops(args.matmul_n)},
+          "peak_rss_mib": _sb._peak_rss_mib()}
+
+
+WORKERS = {"jax": worker_jax, "torch": worker_torch, "cl": worker_cl}
 
 
 # --- driver -----------------------------------------------------------------
@@ -437,7 +498,7 @@ def _cpu_model() -> str:
 
 
 def _table(args, res: dict, loadavg_before, command: str) -> str:
-  js, ts = res["jax"], res["torch"]
+  js, ts, cl = res["jax"], res["torch"], res["cl"]
   rows_n = args.prompts * args.group
   lines = [
       "# Training steps: ours (JAX) vs torch, CPU float32",
@@ -459,22 +520,28 @@ def _table(args, res: dict, loadavg_before, command: str) -> str:
       f"NDCG reward over {args.items} items ({args.item_len} tokens), logp_old + logp_ref, "
       f"{args.passes} REBEL passes with one AdamW step each. CL: InfoNCE over {args.prompts} "
       f"(profile {args.profile_len} tokens, item {args.item_len} tokens) pairs, full MiniLM "
-      f"fine-tuning. Median of {args.reps} timed call(s) after a warm-up.",
-      f"Plain {args.matmul_n}^3 float32 matmul in the same processes: JAX "
-      f"{js['matmul_flops'] / 1e9:.1f} GFLOP/s, torch {ts['matmul_flops'] / 1e9:.1f} GFLOP/s.",
+      f"fine-tuning. RLSO: each side in its own process, median of {args.reps} timed call(s) "
+      f"after a warm-up. CL: both sides in one process, alternating call by call, median of "
+      f"{args.cl_reps} call(s) each after a warm-up.",
+      f"Plain {args.matmul_n}^3 float32 matmul in the RLSO processes: JAX "
+      f"{js['matmul_flops'] / 1e9:.1f} GFLOP/s, torch {ts['matmul_flops'] / 1e9:.1f} GFLOP/s; "
+      f"in the CL process: JAX {cl['matmul_flops']['jax'] / 1e9:.1f}, torch "
+      f"{cl['matmul_flops']['torch'] / 1e9:.1f} GFLOP/s.",
       "",
       "| step | ours | torch | ratio (torch / ours) | ours GFLOP/s (of matmul) "
       "| torch GFLOP/s (of matmul) | our compile (s) |",
       "|---|---|---|---|---|---|---|",
   ]
-  for key, label in (("rlso", "RLSO update"), ("cl", "CL step")):
-    ours, theirs = js[key], ts[key]
+  steps = (("RLSO update", js["rlso"], ts["rlso"], js["matmul_flops"], ts["matmul_flops"]),
+           ("CL step", cl["ours"], cl["torch"], cl["matmul_flops"]["jax"],
+            cl["matmul_flops"]["torch"]))
+  for label, ours, theirs, our_peak, their_peak in steps:
     f = ours["flops"]
     a, b = f / ours["seconds"], f / theirs["seconds"]
     lines.append(
         f"| {label} | {ours['seconds']:.2f} s | {theirs['seconds']:.2f} s "
         f"| {theirs['seconds'] / ours['seconds']:.2f}x | {a / 1e9:.1f} "
-        f"({a / js['matmul_flops']:.0%}) | {b / 1e9:.1f} ({b / ts['matmul_flops']:.0%}) "
+        f"({a / our_peak:.0%}) | {b / 1e9:.1f} ({b / their_peak:.0%}) "
         f"| {ours['compile_s']:.1f} |")
   lines.append(
       f"| of which rollout ({rows_n} x {args.new_tokens} tokens) | {js['rollout_s']:.2f} s "
@@ -490,20 +557,22 @@ def _table(args, res: dict, loadavg_before, command: str) -> str:
       f"{js['load_s']:.1f} s, torch {ts['load_s']:.1f} s. Per-call times (s): ours RLSO "
       f"{', '.join(f'{t:.2f}' for t in js['rlso']['times'])}, torch RLSO "
       f"{', '.join(f'{t:.2f}' for t in ts['rlso']['times'])}; ours CL "
-      f"{', '.join(f'{t:.3f}' for t in js['cl']['times'])}, torch CL "
-      f"{', '.join(f'{t:.3f}' for t in ts['cl']['times'])}.",
+      f"{', '.join(f'{t:.3f}' for t in cl['ours']['times'])}, torch CL "
+      f"{', '.join(f'{t:.3f}' for t in cl['torch']['times'])}. The CL process (both MiniLMs) "
+      f"peaked at {cl['peak_rss_mib']:.0f} MiB.",
       "",
       f"Model FLOPs per call (langptune_jax.flops, same count for both sides): RLSO "
       f"{js['rlso']['flops'] / 1e12:.2f} TFLOP (prefill + decode + 2 scoring forwards + "
-      f"{args.passes} x forward/backward), CL {js['cl']['flops'] / 1e9:.1f} GFLOP. "
+      f"{args.passes} x forward/backward), CL {cl['ours']['flops'] / 1e9:.1f} GFLOP. "
       "Our compile time is the first call minus the median warm call. The torch warm-up "
-      "is one short update (2 new tokens, 1 pass) and one CL step.",
+      "is one short update (2 new tokens, 1 pass); each side's CL warm-up is one step.",
       "",
       f"Sanity (last timed call): mean task reward ours {js['rlso']['reward']:.3f}, torch "
       f"{ts['rlso']['reward']:.3f} (sampled profiles differ: different random streams); "
       f"REBEL loss ours {js['rlso']['loss']:.4f}, torch {ts['rlso']['loss']:.4f}; CL losses "
-      f"ours {', '.join(f'{x:.4f}' for x in js['cl']['losses'])}, torch "
-      f"{', '.join(f'{x:.4f}' for x in ts['cl']['losses'])} (same inputs and initial weights).",
+      f"ours {', '.join(f'{x:.4f}' for x in cl['ours']['losses'][:3])}, torch "
+      f"{', '.join(f'{x:.4f}' for x in cl['torch']['losses'][:3])} (first three steps; same "
+      "inputs and initial weights).",
   ]
   return "\n".join(lines) + "\n"
 
@@ -520,6 +589,8 @@ def main(argv=None):
   parser.add_argument("--item_len", type=int, default=24)
   parser.add_argument("--profile_len", type=int, default=96)
   parser.add_argument("--reps", type=int, default=3)
+  parser.add_argument("--cl_reps", type=int, default=10,
+                      help="timed CL steps (a CL step is short, so one call is mostly noise)")
   parser.add_argument("--matmul_n", type=int, default=2048)
   parser.add_argument("--torch_threads", type=int, default=0,
                       help="torch.set_num_threads; 0: torch's default (one per core)")
@@ -531,8 +602,9 @@ def main(argv=None):
   if args.quick:
     args.prompts, args.prompt_len, args.new_tokens, args.passes = 2, 16, 8, 2
     args.items, args.item_len, args.profile_len, args.reps, args.matmul_n = 16, 16, 24, 1, 512
-  for name in ("prompts", "prompt_len", "new_tokens", "passes", "reps", "items", "item_len",
-               "profile_len", "lora_rank"):
+    args.cl_reps = 1
+  for name in ("prompts", "prompt_len", "new_tokens", "passes", "reps", "cl_reps", "items",
+               "item_len", "profile_len", "lora_rank"):
     if getattr(args, name) < 1:
       raise SystemExit(f"--{name}={getattr(args, name)}: must be >= 1")
   if args.group < 2:
@@ -545,7 +617,7 @@ def main(argv=None):
     return
   passthrough = [f"--{k}={getattr(args, k)}" for k in (
       "prompts", "group", "prompt_len", "new_tokens", "passes", "lora_rank", "items", "item_len",
-      "profile_len", "reps", "matmul_n", "torch_threads", "tmpdir")]
+      "profile_len", "reps", "cl_reps", "matmul_n", "torch_threads", "tmpdir")]
   loadavg = os.getloadavg()
   results = {name: _run_worker(name, passthrough) for name in WORKERS}
   command = " ".join([".venv/bin/python bench/train_steps.py"] + sys.argv[1:])
