@@ -393,8 +393,7 @@ def worker_cl(args) -> dict:
 
   from langptune_jax import assets, parallel
   from langptune_jax.models import embedder as embedder_lib
-  from langptune_jax.train import contrastive, loop
-  from langptune_jax.train import state as state_lib
+  from langptune_jax.train import loop
   from langptune_jax.weights import tokenizer as tok_lib
 
   if args.torch_threads:
@@ -410,12 +409,11 @@ def worker_cl(args) -> dict:
   ids = w["targets"]
   item_texts = [w["item_texts"][i] for i in ids]
 
-  # Ours: the decoder's train state and CL step built as Trainer builds them.
+  # Ours: the decoder's train state and CL step, built as Trainer builds them.
   decoder = embedder_lib.load_embedder("bert", minilm, pooling="mean")
   wrt = loop.decoder_trainable_filter(decoder, int(cfg.decoder.num_layers_unfrozen))
-  train_state = state_lib.TrainState.create(
-      decoder, state_lib.adamw(cfg.cl, int(cfg.cl.num_emb_updates)), wrt, mesh, rules)
-  cl_step = contrastive.make_cl_step(train_state, mesh, temperature=CL_TEMPERATURE, rules=rules)
+  total_steps = int(cfg.train.num_iterations) * int(cfg.cl.num_emb_updates)
+  train_state, cl_step = loop.make_cl_training(decoder, wrt, cfg.cl, total_steps, mesh, rules)
   dec_tok = tok_lib.load_tokenizer(minilm)
   ptok, pmask = embedder_lib.tokenize_texts(dec_tok, w["cl_profiles"], args.profile_len)
   itok, imask = embedder_lib.tokenize_texts(dec_tok, item_texts, args.item_len)

@@ -77,6 +77,16 @@ def decoder_trainable_filter(embedder: embedder_lib.Embedder, num_layers_unfroze
   return TopLayersFilter(total - num_layers_unfrozen)
 
 
+def make_cl_training(decoder: embedder_lib.Embedder, wrt, cl_config, total_steps: int, mesh,
+                     rules=parallel.DEFAULT_RULES):
+  """The decoder's train state (AdamW from `cl_config`) and its jitted InfoNCE step."""
+  train_state = state_lib.TrainState.create(decoder, state_lib.adamw(cl_config, total_steps), wrt,
+                                            mesh, rules)
+  step = contrastive.make_cl_step(train_state, mesh, temperature=float(cl_config.temperature),
+                                  micro_batch_size=int(cl_config.micro_batch_size), rules=rules)
+  return train_state, step
+
+
 def _rng_for(seed: int, *keys: int) -> np.random.Generator:
   return np.random.default_rng([seed, *keys])
 
@@ -125,8 +135,8 @@ class Trainer:
     cl_total = iters * int(config.cl.num_emb_updates)
     self.encoder_state = state_lib.TrainState.create(
         encoder, state_lib.adamw(config.rl, rl_total), enc_wrt, self.mesh, self.rules)
-    self.decoder_state = state_lib.TrainState.create(
-        decoder, state_lib.adamw(config.cl, cl_total), dec_wrt, self.mesh, self.rules)
+    self.decoder_state, self.cl_step = make_cl_training(decoder, dec_wrt, config.cl, cl_total,
+                                                        self.mesh, self.rules)
     if self.reference.state is not None:
       ref_shardings = parallel.state_shardings(self.reference.state, self.mesh, self.rules)
       self.reference = self.reference.replace(
@@ -139,9 +149,6 @@ class Trainer:
                                          self.rules)
     self.policy_logprobs = rlso.make_policy_logprobs(self.encoder_state, self.mesh,
                                                      self.rl_settings, self.rules)
-    self.cl_step = contrastive.make_cl_step(
-        self.decoder_state, self.mesh, temperature=float(config.cl.temperature),
-        micro_batch_size=int(config.cl.micro_batch_size), rules=self.rules)
     self._embed = self._make_embed_fn()
     self._rewards = self._make_reward_fn()
     # Step time apart from compile time, tokens/s and MFU in the metrics; the
@@ -391,12 +398,8 @@ class Trainer:
 
     graphdef, params = nnx.split(self.decoder_state.model)
     model = nnx.merge(graphdef, jax.tree.map(jnp.copy, params))  # the CL step donates its state
-    copy = state_lib.TrainState.create(
-        model, state_lib.adamw(self.config.cl, 1),
-        self.decoder_state.wrt, self.mesh, self.rules)
-    step = contrastive.make_cl_step(copy, self.mesh, temperature=float(self.config.cl.temperature),
-                                    micro_batch_size=int(self.config.cl.micro_batch_size),
-                                    rules=self.rules)
+    copy, step = make_cl_training(model, self.decoder_state.wrt, self.config.cl, 1, self.mesh,
+                                  self.rules)
     train = self.data.train
     q_tokens, q_mask = tokens_of(train)
     batch_size = min(int(self.config.cl.batch_size), len(train))
