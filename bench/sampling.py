@@ -8,7 +8,11 @@ after ``--prompt_len``-token prompts) it measures, for each batch size:
   sequence log-prob loss, ours vs a plain LoRA wrapper on the torch model;
 * a large float32 matmul's FLOP/s in each framework, and each step's achieved
   FLOP/s as a fraction of it;
-* peak RSS of each measurement, in its own subprocess so peaks don't mix.
+* peak RSS: each side's sampling in its own subprocess, so peaks don't mix.
+
+The LoRA step lasts seconds, less than a shared VM's speed drifts between
+processes, so both sides' steps run in one process, alternating call by call,
+``--train_reps`` calls each (median kept); its peak RSS covers both.
 
 Compile time (our first call) is reported separately and excluded from speeds.
 Writes a markdown table to ``--out`` (default bench/results/sampling.md).
@@ -174,8 +178,17 @@ def worker_torch_sample(args) -> dict:
   return out
 
 
-def worker_jax_train(args) -> dict:
-  import jax
+def _timed(fn, reps: int) -> list[float]:
+  times = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def _jax_lora_step(args):
+  """Our LoRA training step on a fixed batch: (step, flops); step() runs one and returns the loss."""
   import jax.numpy as jnp
   import numpy as np
   import optax
@@ -184,7 +197,6 @@ def worker_jax_train(args) -> dict:
   from langptune_jax import flops, sampling
   from langptune_jax.models import finetune, lora
   from langptune_jax.weights import hf
-  _jax_setup(args)
   model, config = hf.load_decoder(args.model, dtype="float32", param_dtype="float32")
   lora.apply_lora(model, targets=LORA_TARGETS, rank=args.lora_rank, alpha=2.0 * args.lora_rank,
                   rngs=nnx.Rngs(0))
@@ -196,7 +208,7 @@ def worker_jax_train(args) -> dict:
   ones_p, ones_r = jnp.ones((b, p), bool), jnp.ones((b, n), bool)
 
   @nnx.jit
-  def step(model, optimizer, prompt, response):
+  def train_step(model, optimizer, prompt, response):
     def loss_fn(model):
       logp = sampling.sequence_logprobs(model, prompt, ones_p, response, ones_r)
       return -jnp.mean(logp)
@@ -204,34 +216,24 @@ def worker_jax_train(args) -> dict:
     optimizer.update(model, grads)
     return loss
 
-  start = time.perf_counter()
-  jax.block_until_ready(step(model, optimizer, prompt, response))
-  first = time.perf_counter() - start
-  times = []
-  for _ in range(args.train_reps):
-    start = time.perf_counter()
-    jax.block_until_ready(step(model, optimizer, prompt, response))
-    times.append(time.perf_counter() - start)
-  seconds = min(times)
+  def step() -> float:
+    return float(train_step(model, optimizer, prompt, response))  # float() waits for it
+
   per_token = flops.train_flops_per_token(config, p + n, lora_rank=args.lora_rank,
                                           lora_targets=LORA_TARGETS)
-  return {"seconds": seconds, "compile_s": max(first - seconds, 0.0),
-          "flops": per_token * b * (p + n), "matmul_flops": _jax_matmul_flops(args.matmul_n),
-          "peak_rss_mib": _peak_rss_mib()}
+  return step, per_token * b * (p + n)
 
 
-def worker_torch_train(args) -> dict:
+def _torch_lora(model, rank: int, alpha: float, device=None):
+  """Wraps q/k/v/o/gate/up/down in LoRA (B = 0 at init); returns a switch for the adapters."""
   import torch
-  device = _torch_device(args)
-  model = _load_torch_model(args)
-  model.train()
-  for param in model.parameters():
-    param.requires_grad_(False)
+
+  switch = {"on": True}
 
   class LoRALinear(torch.nn.Module):
-    """base(x) + (x @ A) @ B * alpha / r, B zero-initialised."""
+    """base(x) + (x @ A) @ B * alpha / r while the switch is on."""
 
-    def __init__(self, base, rank, alpha):
+    def __init__(self, base):
       super().__init__()
       self.base = base
       self.a = torch.nn.Parameter(
@@ -240,42 +242,104 @@ def worker_torch_train(args) -> dict:
       self.scale = alpha / rank
 
     def forward(self, x):
-      return self.base(x) + (x @ self.a) @ self.b * self.scale
+      y = self.base(x)
+      return y + (x @ self.a) @ self.b * self.scale if switch["on"] else y
 
-  names = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+  names = {f"{t}_proj" for t in LORA_TARGETS}
   for module in list(model.modules()):
     for name, child in list(module.named_children()):
       if name in names and isinstance(child, torch.nn.Linear):
-        setattr(module, name, LoRALinear(child, args.lora_rank, 2.0 * args.lora_rank))
+        setattr(module, name, LoRALinear(child))
+  return switch
+
+
+def torch_sequence_logprobs(lm, tokens, prompt_len: int, with_entropy: bool = False):
+  """Sum of response-token log-probs [B]; only response positions go through the head.
+
+  With `with_entropy`, also the mean token entropy over each response (else None).
+  """
+  import torch
+  p, n = prompt_len, tokens.shape[1] - prompt_len
+  hidden = lm.model(input_ids=tokens).last_hidden_state[:, p - 1:p + n - 1]
+  logp = torch.log_softmax(lm.lm_head(hidden).float(), dim=-1)  # temperature 1
+  picked = logp.gather(-1, tokens[:, p:, None])[..., 0].sum(-1)
+  if not with_entropy:
+    return picked, None
+  return picked, -(logp.exp() * logp).sum(-1).mean(-1)
+
+
+def _torch_lora_step(args):
+  """The same LoRA step in torch: step() runs one and returns the loss."""
+  import torch
+  device = _torch_device(args)
+  model = _load_torch_model(args)
+  model.train()
+  for param in model.parameters():
+    param.requires_grad_(False)
+  _torch_lora(model, args.lora_rank, 2.0 * args.lora_rank, device)
   params = [p for p in model.parameters() if p.requires_grad]
   optimizer = torch.optim.AdamW(params, lr=1e-4, eps=1e-6)
   b, p, n = args.train_batch, args.prompt_len, args.new_tokens
   tokens = torch.tensor(_prompts(b, p + n, model.config.vocab_size, seed=1), device=device)
 
-  def step():
+  def step() -> float:
     optimizer.zero_grad(set_to_none=True)
-    logits = model(tokens[:, :-1]).logits[:, p - 1:].float()
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, p:, None])[..., 0]
-    loss = -logp.sum(-1).mean()
+    logp, _ = torch_sequence_logprobs(model, tokens, p)
+    loss = -logp.mean()
     loss.backward()
     optimizer.step()
-    return float(loss)
+    return loss.detach().item()  # waits for the device
 
-  step()  # warm-up
-  times = []
+  return step
+
+
+def worker_train(args) -> dict:
+  """Our LoRA step and torch's in one process, alternating call by call.
+
+  One step lasts seconds, less than a shared VM's speed drifts between two
+  processes run minutes apart; alternating exposes both sides to the same drift.
+  """
+  import statistics
+  _jax_setup(args)
+  ours, flops = _jax_lora_step(args)
+  theirs = _torch_lora_step(args)
+  losses = {"ours": [], "torch": []}
+  first = _timed(lambda: losses["ours"].append(ours()), 1)[0]
+  losses["torch"].append(theirs())  # warm-up
+  times = {"ours": [], "torch": []}
   for _ in range(args.train_reps):
-    start = time.perf_counter()
-    step()  # float(loss) waits for the device
-    times.append(time.perf_counter() - start)
-  return {"seconds": min(times), "matmul_flops": _torch_matmul_flops(args.matmul_n, device),
+    times["ours"] += _timed(lambda: losses["ours"].append(ours()), 1)
+    times["torch"] += _timed(lambda: losses["torch"].append(theirs()), 1)
+  seconds = {side: statistics.median(t) for side, t in times.items()}
+  return {"seconds": seconds, "times": times, "losses": losses, "flops": flops,
+          "compile_s": max(first - seconds["ours"], 0.0),
+          "matmul_flops": {"jax": _jax_matmul_flops(args.matmul_n),
+                           "torch": _torch_matmul_flops(args.matmul_n, _torch_device(args))},
           "peak_rss_mib": _peak_rss_mib()}
 
 
 WORKERS = {"jax_sample": worker_jax_sample, "torch_sample": worker_torch_sample,
-           "jax_train": worker_jax_train, "torch_train": worker_torch_train}
+           "train": worker_train}
 
 
 # --- driver -----------------------------------------------------------------
+
+def run_worker(worker, args) -> None:
+  """Runs one worker in this (fresh) process and prints its result as one JSON line.
+
+  Both frameworks get the host-memory setting `langptune-jax` would run with
+  (``LANGPTUNE_MALLOC``, :mod:`langptune_jax.host_memory`), applied before
+  either starts a thread.
+  """
+  sys.path.insert(0, str(ROOT))
+  from langptune_jax import host_memory
+  applied = host_memory.apply_env_setting()
+  result = worker(args)
+  result["host_memory"] = ("LANGPTUNE_MALLOC=reuse (one arena, no mmap, no trim)" if applied
+                           else "glibc defaults")
+  print(json.dumps(result))
+
+
 
 def _run_worker(name: str, argv: list[str]) -> dict:
   print(f"[bench] {name} ...", file=sys.stderr, flush=True)
@@ -291,8 +355,12 @@ def _run_worker(name: str, argv: list[str]) -> dict:
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _span(times: list[float]) -> str:
+  return f"{min(times):.2f}-{max(times):.2f}"
+
+
 def _table(args, res) -> str:
-  js, ts, jt, tt = res["jax_sample"], res["torch_sample"], res["jax_train"], res["torch_train"]
+  js, ts, tr = res["jax_sample"], res["torch_sample"], res["train"]
   lines = [
       f"# Sampling and LoRA training: ours (JAX) vs HF transformers (torch), "
       f"{args.device.upper()} float32",
@@ -301,7 +369,8 @@ def _table(args, res) -> str:
       f"prompts {args.prompt_len} tokens, {args.new_tokens} new tokens "
       f"(greedy, min_new_tokens = max_new_tokens), {os.cpu_count()} CPU cores.",
       f"Matmul peak ({args.matmul_n}^3 float32): JAX {js['matmul_flops'] / 1e9:.1f} GFLOP/s, "
-      f"torch {ts['matmul_flops'] / 1e9:.1f} GFLOP/s.",
+      f"torch {ts['matmul_flops'] / 1e9:.1f} GFLOP/s. Host memory (every process): "
+      f"{js['host_memory']}.",
       "",
       "| measurement | ours | HF / torch | ratio (ours / HF) | ours: GFLOP/s (fraction of "
       "matmul peak) | compile (s) | peak RSS ours / HF (MiB) |",
@@ -314,13 +383,20 @@ def _table(args, res) -> str:
         f"| {theirs['tokens_per_s']:.1f} tok/s | {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x "
         f"| {achieved / 1e9:.1f} ({achieved / js['matmul_flops']:.0%}) | {ours['compile_s']:.1f} "
         f"| {js['peak_rss_mib']:.0f} / {ts['peak_rss_mib']:.0f} |")
-  achieved = jt["flops"] / jt["seconds"]
+  ours_s, torch_s = tr["seconds"]["ours"], tr["seconds"]["torch"]
+  achieved = tr["flops"] / ours_s
   lines.append(
       f"| LoRA r={args.lora_rank} step (fwd+bwd+AdamW), batch {args.train_batch} x "
-      f"{args.prompt_len + args.new_tokens} | {jt['seconds'] * 1e3:.0f} ms | "
-      f"{tt['seconds'] * 1e3:.0f} ms | {tt['seconds'] / jt['seconds']:.2f}x "
-      f"| {achieved / 1e9:.1f} ({achieved / jt['matmul_flops']:.0%}) | {jt['compile_s']:.1f} "
-      f"| {jt['peak_rss_mib']:.0f} / {tt['peak_rss_mib']:.0f} |")
+      f"{args.prompt_len + args.new_tokens} | {ours_s * 1e3:.0f} ms | "
+      f"{torch_s * 1e3:.0f} ms | {torch_s / ours_s:.2f}x "
+      f"| {achieved / 1e9:.1f} ({achieved / tr['matmul_flops']['jax']:.0%}) "
+      f"| {tr['compile_s']:.1f} | {tr['peak_rss_mib']:.0f}, both sides in one process |")
+  lines += ["", f"LoRA step: both sides in one process, alternating call by call, median of "
+            f"{len(tr['times']['ours'])} calls each after a warm-up (per call: ours "
+            f"{_span(tr['times']['ours'])} s, torch {_span(tr['times']['torch'])} s); the "
+            f"first losses agree (ours {tr['losses']['ours'][0]:.4f}, torch "
+            f"{tr['losses']['torch'][0]:.4f}). Both send only the response positions "
+            f"through the output head."]
   lines += ["", "Ratios > 1 mean ours is faster (training: torch time / our time). "
             "Sampling FLOPs count prefill and decode (flops.sample_flops); training FLOPs "
             "count forward + activation backward + adapter weight gradients."]
@@ -346,7 +422,8 @@ def main(argv=None):
   parser.add_argument("--new_tokens", type=int, default=128)
   parser.add_argument("--lora_rank", type=int, default=16)
   parser.add_argument("--train_batch", type=int, default=8)
-  parser.add_argument("--train_reps", type=int, default=3)
+  parser.add_argument("--train_reps", type=int, default=5,
+                      help="LoRA steps timed per side, alternating (median kept)")
   parser.add_argument("--matmul_n", type=int, default=2048)
   parser.add_argument("--out", default=str(ROOT / "bench/results/sampling.md"))
   parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run")
@@ -367,8 +444,7 @@ def main(argv=None):
     args.train_batch, args.train_reps, args.matmul_n = 2, 1, 512
   args.batches = [int(b) for b in str(args.batches).split(",")]
   if args.worker:
-    sys.path.insert(0, str(ROOT))
-    print(json.dumps(WORKERS[args.worker](args)))
+    run_worker(WORKERS[args.worker], args)
     return
   passthrough = [f"--model={args.model}", f"--device={args.device}", f"--prompt_len={args.prompt_len}",
                  f"--new_tokens={args.new_tokens}", f"--lora_rank={args.lora_rank}",

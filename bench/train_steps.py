@@ -129,15 +129,6 @@ def _bert_config(path):
     return types.SimpleNamespace(family="bert", **json.load(f))
 
 
-def _timed(fn, reps: int) -> list[float]:
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return times
-
-
 # --- ours -------------------------------------------------------------------
 
 def worker_jax(args) -> dict:
@@ -188,7 +179,7 @@ def worker_jax(args) -> dict:
   # Catalogue: embedded once (first call compiles; the second is the timing).
   embed = lambda: trainer.embed_texts(item_tokens, item_mask, "items")  # noqa: E731
   embed()  # compiles
-  out["catalogue_s"] = _timed(embed, 1)[0]
+  out["catalogue_s"] = _sb._timed(embed, 1)[0]
   item_emb = parallel.put(embed(), mesh, ("items", None), trainer.rules)
 
   calls, rl_metrics = iter(range(10_000)), []
@@ -198,8 +189,8 @@ def worker_jax(args) -> dict:
     rl_metrics.append(trainer.rlso_update(users, item_emb, jax.random.key(i),
                                           np.random.default_rng(i)))
 
-  first = _timed(rlso, 1)[0]
-  times = _timed(rlso, args.reps)
+  first = _sb._timed(rlso, 1)[0]
+  times = _sb._timed(rlso, args.reps)
   out["rlso"] = {"times": times, "seconds": statistics.median(times),
                  "compile_s": max(first - statistics.median(times), 0.0),
                  "reward": rl_metrics[-1]["reward"], "loss": rl_metrics[-1]["loss"]}
@@ -214,7 +205,7 @@ def worker_jax(args) -> dict:
       jax.block_until_ready(res.tokens)
       assert int(np.asarray(res.response_mask).sum()) == rows.shape[0] * args.new_tokens
 
-    out["rollout_s"] = statistics.median(_timed(rollout, args.reps))
+    out["rollout_s"] = statistics.median(_sb._timed(rollout, args.reps))
 
   out["rlso"]["flops"] = _rlso_flops(enc_config, args)
   out["matmul_flops"] = _sb._jax_matmul_flops(args.matmul_n)
@@ -224,34 +215,6 @@ def worker_jax(args) -> dict:
 
 
 # --- torch ------------------------------------------------------------------
-
-def _torch_lora(model, rank: int, alpha: float):
-  """Wraps q/k/v/o/gate/up/down in LoRA (B = 0 at init); returns a switch for the adapters."""
-  import torch
-
-  switch = {"on": True}
-
-  class LoRALinear(torch.nn.Module):
-    """base(x) + (x @ A) @ B * alpha / r while the switch is on."""
-
-    def __init__(self, base):
-      super().__init__()
-      self.base = base
-      self.a = torch.nn.Parameter(torch.randn(base.in_features, rank) / base.in_features ** 0.5)
-      self.b = torch.nn.Parameter(torch.zeros(rank, base.out_features))
-      self.scale = alpha / rank
-
-    def forward(self, x):
-      y = self.base(x)
-      return y + (x @ self.a) @ self.b * self.scale if switch["on"] else y
-
-  names = {f"{t}_proj" for t in LORA_TARGETS}
-  for module in list(model.modules()):
-    for name, child in list(module.named_children()):
-      if name in names and isinstance(child, torch.nn.Linear):
-        setattr(module, name, LoRALinear(child))
-  return switch
-
 
 def worker_torch(args) -> dict:
   import numpy as np
@@ -271,7 +234,7 @@ def worker_torch(args) -> dict:
   lm.eval()  # no dropout in SmolLM2; eval() only silences train-mode checks
   for param in lm.parameters():
     param.requires_grad_(False)
-  lora_switch = _torch_lora(lm, args.lora_rank, 2.0 * args.lora_rank)
+  lora_switch = _sb._torch_lora(lm, args.lora_rank, 2.0 * args.lora_rank)
   lora_params = [p for p in lm.parameters() if p.requires_grad]
   lm_opt = torch.optim.AdamW(lora_params, lr=LR_RL, eps=ADAM_EPS, weight_decay=0.0)
   minilm = assets.asset_path("minilm")
@@ -293,7 +256,7 @@ def worker_torch(args) -> dict:
                         for i in range(0, args.items, 64)])
 
   embed_catalogue()
-  out["catalogue_s"] = _timed(embed_catalogue, 1)[0]
+  out["catalogue_s"] = _sb._timed(embed_catalogue, 1)[0]
   item_emb = embed_catalogue()
 
   g, p, n = args.group, args.prompt_len, args.new_tokens
@@ -301,15 +264,6 @@ def worker_torch(args) -> dict:
   targets = torch.tensor(np.repeat(w["targets"], g), dtype=torch.long)
   history = torch.tensor(np.repeat(w["history"], g, axis=0), dtype=torch.long)
   rows = prompts.shape[0]
-
-  def sequence_logprobs(tokens, with_entropy):
-    """Sum of response-token log-probs; only response positions go through the head."""
-    hidden = lm.model(input_ids=tokens).last_hidden_state[:, p - 1:p + n - 1]
-    logp = torch.log_softmax(lm.lm_head(hidden).float(), dim=-1)  # temperature 1
-    picked = logp.gather(-1, tokens[:, p:, None])[..., 0].sum(-1)
-    if not with_entropy:
-      return picked, None
-    return picked, -(logp.exp() * logp).sum(-1).mean(-1)
 
   def rollout(new_tokens):
     with torch.no_grad():
@@ -330,9 +284,9 @@ def worker_torch(args) -> dict:
       target_score = scores.gather(1, targets[:, None])
       rank = 1 + (scores > target_score).sum(-1)
       reward = torch.where(truncated, 0.0, 1.0 / torch.log2(rank.float() + 1.0))
-      logp_old, _ = sequence_logprobs(seqs, True)
+      logp_old, _ = _sb.torch_sequence_logprobs(lm, seqs, p, True)
       lora_switch["on"] = False
-      logp_ref, _ = sequence_logprobs(seqs, False)
+      logp_ref, _ = _sb.torch_sequence_logprobs(lm, seqs, p)
       lora_switch["on"] = True
       total = reward - KL_COEF * (logp_old - logp_ref)
       total = (total - total.mean()) / torch.sqrt(total.var(unbiased=False) + 1e-8)
@@ -342,7 +296,7 @@ def worker_torch(args) -> dict:
       order = rng.permutation(rows // g)
       index = torch.tensor((order[:, None] * g + np.arange(g)[None, :]).reshape(-1))
       lm_opt.zero_grad(set_to_none=True)
-      logp_new, _ = sequence_logprobs(seqs[index], True)
+      logp_new, _ = _sb.torch_sequence_logprobs(lm, seqs[index], p, True)
       d = ((logp_new - logp_old[index]) - total[index]).reshape(-1, g)
       j, k = np.triu_indices(g, k=1)
       loss = torch.square(d[:, j] - d[:, k]).mean()
@@ -354,10 +308,10 @@ def worker_torch(args) -> dict:
   # Warm-up on the same code path with a short rollout and one pass (torch has no compile).
   rlso_update(new_tokens=2, passes=1)
   rl_metrics = []
-  times = _timed(lambda: rl_metrics.append(rlso_update()), args.reps)
+  times = _sb._timed(lambda: rl_metrics.append(rlso_update()), args.reps)
   out["rlso"] = {"times": times, "seconds": statistics.median(times),
                  "reward": rl_metrics[-1]["reward"], "loss": rl_metrics[-1]["loss"]}
-  out["rollout_s"] = statistics.median(_timed(lambda: rollout(n), args.reps))
+  out["rollout_s"] = statistics.median(_sb._timed(lambda: rollout(n), args.reps))
 
   out["matmul_flops"] = _sb._torch_matmul_flops(args.matmul_n)
   out["peak_rss_mib"] = _sb._peak_rss_mib()
@@ -446,12 +400,12 @@ def worker_cl(args) -> dict:
     bert_opt.step()
     torch_losses.append(loss.detach().item())
 
-  first = _timed(ours, 1)[0]
+  first = _sb._timed(ours, 1)[0]
   theirs()  # warm-up
   ours_times, torch_times = [], []
   for _ in range(args.cl_reps):
-    ours_times += _timed(ours, 1)
-    torch_times += _timed(theirs, 1)
+    ours_times += _sb._timed(ours, 1)
+    torch_times += _sb._timed(theirs, 1)
   seconds = statistics.median(ours_times)
   flops = _cl_flops(_bert_config(minilm), args)
   return {"ours": {"times": ours_times, "seconds": seconds, "losses": ours_losses,
@@ -509,7 +463,8 @@ def _table(args, res: dict, loadavg_before, command: str) -> str:
       f"{', '.join(f'{x:.2f}' for x in ts['loadavg_after'])}.",
       f"Versions: python {platform.python_version()}, jax {js['versions']['jax']}, flax "
       f"{js['versions']['flax']}, torch {ts['versions']['torch']} ({ts['threads']} threads), "
-      f"transformers {ts['versions']['transformers']}.",
+      f"transformers {ts['versions']['transformers']}. Host memory (every process): "
+      f"{js['host_memory']}.",
       "",
       f"Workload: SmolLM2-135M-Instruct + LoRA r={args.lora_rank} (q, k, v, o, gate, up, down), "
       f"all-MiniLM-L6-v2 (mean pooling). RLSO: {args.prompts} prompts x G={args.group} = "
@@ -611,7 +566,7 @@ def main(argv=None):
     raise SystemExit(f"--items={args.items}: need at least --prompts + {HISTORY_LEN}")
   sys.path.insert(0, str(ROOT))
   if args.worker:
-    print(json.dumps(WORKERS[args.worker](args)))
+    _sb.run_worker(WORKERS[args.worker], args)
     return
   passthrough = [f"--{k}={getattr(args, k)}" for k in (
       "prompts", "group", "prompt_len", "new_tokens", "passes", "lora_rank", "items", "item_len",

@@ -296,6 +296,11 @@ def demo_command(config, workdir) -> int:
 
 def run() -> None:
   """Console-script entry point."""
+  from langptune_jax import host_memory
+  try:
+    host_memory.apply_env_setting()  # before JAX starts its threads
+  except ValueError as e:
+    _fail(str(e))
   argv = sys.argv
   _define_flags()
   if any(a in ("-h", "--help", "-help", "--helpshort", "help") for a in argv[1:]):
