@@ -187,6 +187,22 @@ def _timed(fn, reps: int) -> list[float]:
   return times
 
 
+def alternate(ours, theirs, reps: int) -> tuple[float, list[float], list[float]]:
+  """Times two steps in one process, call by call: (our first call, our times, their times).
+
+  Each side first gets a warm-up call (ours is timed: it includes compilation),
+  then `reps` calls each, alternating, so both see the same drift of a shared
+  machine.
+  """
+  first = _timed(ours, 1)[0]
+  theirs()  # warm-up
+  ours_times, their_times = [], []
+  for _ in range(reps):
+    ours_times += _timed(ours, 1)
+    their_times += _timed(theirs, 1)
+  return first, ours_times, their_times
+
+
 def _jax_lora_step(args):
   """Our LoRA training step on a fixed batch: (step, flops); step() runs one and returns the loss."""
   import jax.numpy as jnp
@@ -304,12 +320,10 @@ def worker_train(args) -> dict:
   ours, flops = _jax_lora_step(args)
   theirs = _torch_lora_step(args)
   losses = {"ours": [], "torch": []}
-  first = _timed(lambda: losses["ours"].append(ours()), 1)[0]
-  losses["torch"].append(theirs())  # warm-up
-  times = {"ours": [], "torch": []}
-  for _ in range(args.train_reps):
-    times["ours"] += _timed(lambda: losses["ours"].append(ours()), 1)
-    times["torch"] += _timed(lambda: losses["torch"].append(theirs()), 1)
+  first, ours_times, torch_times = alternate(lambda: losses["ours"].append(ours()),
+                                             lambda: losses["torch"].append(theirs()),
+                                             args.train_reps)
+  times = {"ours": ours_times, "torch": torch_times}
   seconds = {side: statistics.median(t) for side, t in times.items()}
   return {"seconds": seconds, "times": times, "losses": losses, "flops": flops,
           "compile_s": max(first - seconds["ours"], 0.0),

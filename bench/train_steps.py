@@ -400,12 +400,7 @@ def worker_cl(args) -> dict:
     bert_opt.step()
     torch_losses.append(loss.detach().item())
 
-  first = _sb._timed(ours, 1)[0]
-  theirs()  # warm-up
-  ours_times, torch_times = [], []
-  for _ in range(args.cl_reps):
-    ours_times += _sb._timed(ours, 1)
-    torch_times += _sb._timed(theirs, 1)
+  first, ours_times, torch_times = _sb.alternate(ours, theirs, args.cl_reps)
   seconds = statistics.median(ours_times)
   flops = _cl_flops(_bert_config(minilm), args)
   return {"ours": {"times": ours_times, "seconds": seconds, "losses": ours_losses,
