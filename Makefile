@@ -14,7 +14,7 @@ export LANGPTUNE_CACHE
 # Re-install only when the package metadata changes (keeps `make test` quick).
 STAMP := $(VENV)/.install-stamp
 
-.PHONY: venv install assets test demo lint bench-sampling bench-floor bench-attention bench-prepare bench-train clean
+.PHONY: venv install assets test demo lint bench-sampling bench-floor bench-attention bench-prepare bench-train bench-host-memory clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -54,6 +54,9 @@ bench-prepare: install assets
 
 bench-train: install assets
 	$(PY) bench/train_steps.py $(BENCH_ARGS)
+
+bench-host-memory: install assets
+	$(PY) bench/host_memory.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(STAMP) build dist .pytest_cache .ruff_cache

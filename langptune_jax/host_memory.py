@@ -5,14 +5,15 @@ block, gigabytes for a training step, from one of its worker threads. glibc
 serves a block that size with a fresh ``mmap`` and unmaps it on ``free``, so
 every call page-faults the whole block in again: about 15% of a SmolLM2 LoRA
 training step on a 2-core host. With one malloc arena, no ``mmap`` and no
-trimming, a freed block stays in the heap and the next call reuses it, and
-peak RSS does not grow.
+trimming, a freed block stays in the heap and the next call reuses it.
 
-The single arena costs elsewhere: the sampler's decode loop, whose many small
-allocations now share one lock, ran about 10% slower on the same host. So the
-settings are opt-in: ``LANGPTUNE_MALLOC=reuse`` turns them on for the
-``langptune-jax`` command and the benchmarks; ``system`` (the default) keeps
-glibc's.
+What that costs (``bench/host_memory.py``): small allocations made between
+two calls can split the freed block, and the next call then takes a second
+block from fresh memory, which stays; in one of two measured processes peak
+RSS grew from about 8 to 11.4 GiB. The sampler's speed moved both ways
+between runs, within the shared host's noise. So the settings are opt-in:
+``LANGPTUNE_MALLOC=reuse`` turns them on for the ``langptune-jax`` command
+and the benchmarks; ``system`` (the default) keeps glibc's.
 """
 
 from __future__ import annotations
