@@ -23,12 +23,10 @@ setting: the measurement behind keeping glibc's defaults as the default.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import resource
 import statistics
-import subprocess
 import sys
 import time
 
@@ -45,22 +43,14 @@ def _minor_faults() -> int:
 
 def worker(args) -> dict:
   """One setting's measurements in this (fresh) process; the setting is applied by run_worker."""
-  import jax
   import numpy as np
 
-  from langptune_jax import sampling
   from langptune_jax.weights import hf
   model, config = hf.load_decoder(args.model, dtype="float32", param_dtype="float32")
   prompts = _sb._prompts(args.batch, args.prompt_len, config.vocab_size).astype(np.int32)
-  mask = np.ones_like(prompts, bool)
 
   def generate(new_tokens: int) -> float:
-    start = time.perf_counter()
-    out = sampling.sample(model, prompts, mask, rng=jax.random.key(0),
-                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, greedy=True,
-                          eos_ids=config.eos_ids, pad_id=config.pad_id or 0)
-    jax.block_until_ready(out.tokens)
-    return time.perf_counter() - start
+    return _sb._timed(lambda: _sb.greedy_sample(model, config, prompts, new_tokens), 1)[0]
 
   generate(1), generate(args.new_tokens)  # compile both shapes
   one, full = generate(1), generate(args.new_tokens)
@@ -82,16 +72,8 @@ def worker(args) -> dict:
 
 
 def _run(setting: str, argv: list[str]) -> dict:
-  print(f"[bench] {setting} ...", file=sys.stderr, flush=True)
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
-  env["LANGPTUNE_MALLOC"] = setting
-  proc = subprocess.run([sys.executable, __file__, "--worker"] + argv, env=env,
-                        stdout=subprocess.PIPE, text=True, cwd=ROOT)
-  if proc.returncode:
-    raise SystemExit(f"bench worker ({setting}) failed (exit {proc.returncode}); see stderr above")
-  result = json.loads(proc.stdout.strip().splitlines()[-1])
-  result["setting"] = setting
-  return result
+  result = _sb._run_worker(setting, argv, script=__file__, env={"LANGPTUNE_MALLOC": setting})
+  return {**result, "setting": setting}
 
 
 _COLUMNS = (("prefill + 1 token (s)", "prefill_plus_one_s", "{:.2f}"),
@@ -139,7 +121,7 @@ def main(argv=None):
   parser.add_argument("--rounds", type=int, default=2)
   parser.add_argument("--out", default=str(ROOT / "bench/results/host_memory.md"))
   parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run")
-  parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--worker", choices=SETTINGS, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if not args.model:
     sys.path.insert(0, str(ROOT))

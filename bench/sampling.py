@@ -122,27 +122,34 @@ def _jax_setup(args) -> None:
     jax.config.update("jax_default_matmul_precision", "highest")
 
 
-def worker_jax_sample(args) -> dict:
+def greedy_sample(model, config, prompts, new_tokens: int):
+  """Our sampler, greedy, exactly `new_tokens` new tokens per row; returns once it is done."""
   import jax
+  import numpy as np
+
+  from langptune_jax import sampling
+  out = sampling.sample(model, prompts, np.ones_like(prompts, bool), rng=jax.random.key(0),
+                        max_new_tokens=new_tokens, min_new_tokens=new_tokens, greedy=True,
+                        eos_ids=config.eos_ids, pad_id=config.pad_id or 0)
+  jax.block_until_ready(out.tokens)
+  return out
+
+
+def worker_jax_sample(args) -> dict:
   import numpy as np
   _jax_setup(args)
 
-  from langptune_jax import flops, sampling
+  from langptune_jax import flops
   from langptune_jax.weights import hf
   model, config = hf.load_decoder(args.model, dtype="float32", param_dtype="float32")
   out = {"matmul_flops": _jax_matmul_flops(args.matmul_n), "runs": []}
   for batch in args.batches:
     prompts = _prompts(batch, args.prompt_len, config.vocab_size).astype(np.int32)
-    mask = np.ones_like(prompts, bool)
-    kw = dict(rng=jax.random.key(0), max_new_tokens=args.new_tokens,
-              min_new_tokens=args.new_tokens, greedy=True, eos_ids=config.eos_ids,
-              pad_id=config.pad_id or 0)
     start = time.perf_counter()
-    jax.block_until_ready(sampling.sample(model, prompts, mask, **kw).tokens)
+    greedy_sample(model, config, prompts, args.new_tokens)
     first = time.perf_counter() - start
     start = time.perf_counter()
-    res = sampling.sample(model, prompts, mask, **kw)
-    jax.block_until_ready(res.tokens)
+    res = greedy_sample(model, config, prompts, args.new_tokens)
     seconds = time.perf_counter() - start
     assert int(res.response_mask.sum()) == batch * args.new_tokens
     out["runs"].append({
@@ -354,14 +361,15 @@ def run_worker(worker, args) -> None:
   print(json.dumps(result))
 
 
-
-def _run_worker(name: str, argv: list[str]) -> dict:
+def _run_worker(name: str, argv: list[str], *, script: str = __file__,
+                env: dict | None = None) -> dict:
+  """Runs `script --worker name argv` in a fresh process (extra `env` on top); its JSON result."""
   print(f"[bench] {name} ...", file=sys.stderr, flush=True)
   env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-             TOKENIZERS_PARALLELISM="false")
+             TOKENIZERS_PARALLELISM="false", **(env or {}))
   if "--device=gpu" not in argv:
     env["JAX_PLATFORMS"] = "cpu"
-  proc = subprocess.run([sys.executable, __file__, "--worker", name] + argv, env=env,
+  proc = subprocess.run([sys.executable, script, "--worker", name] + argv, env=env,
                         capture_output=True, text=True, cwd=ROOT)
   if proc.returncode:
     sys.stderr.write(proc.stderr[-4000:])
