@@ -10,7 +10,10 @@ The workload is identical on both sides (float32, CPU):
   tokens), embedded once by the decoder (timed separately);
 * RLSO update = rollout + decode to text + MiniLM re-tokenization + profile
   embedding + NDCG reward + logp_old / logp_ref (adapters off) + ``--passes``
-  passes of the REBEL loss with one AdamW step each;
+  passes of the REBEL loss with one AdamW step each; both sides split the
+  scoring forwards and each pass into micro-batches of ``--micro_batch``
+  prompts (gradients accumulated, the same update), which halves the peak
+  memory of both;
 * CL step = InfoNCE over ``--prompts`` (profile text, target item text) pairs
   through MiniLM (every weight trains), forward + backward + AdamW.
 
@@ -152,7 +155,7 @@ def worker_jax(args) -> dict:
   cfg.rl.update(lr=LR_RL, kl_coef=KL_COEF, prompts_per_update=args.prompts,
                 num_generations=args.group, num_ppo_epochs=args.passes,
                 response_length=args.new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                stop_at_eos=False, micro_batch_size=0, adam_eps=ADAM_EPS)
+                stop_at_eos=False, micro_batch_size=args.micro_batch, adam_eps=ADAM_EPS)
   cfg.cl.update(lr=LR_CL, batch_size=args.prompts, temperature=CL_TEMPERATURE,
                 micro_batch_size=0, adam_eps=ADAM_EPS)
   cfg.data.decoder_max_len = args.profile_len
@@ -264,6 +267,8 @@ def worker_torch(args) -> dict:
   targets = torch.tensor(np.repeat(w["targets"], g), dtype=torch.long)
   history = torch.tensor(np.repeat(w["history"], g, axis=0), dtype=torch.long)
   rows = prompts.shape[0]
+  per_micro = (args.micro_batch or args.prompts) * g  # rows per micro-batch
+  num_micro = rows // per_micro
 
   def rollout(new_tokens):
     with torch.no_grad():
@@ -284,9 +289,11 @@ def worker_torch(args) -> dict:
       target_score = scores.gather(1, targets[:, None])
       rank = 1 + (scores > target_score).sum(-1)
       reward = torch.where(truncated, 0.0, 1.0 / torch.log2(rank.float() + 1.0))
-      logp_old, _ = _sb.torch_sequence_logprobs(lm, seqs, p, True)
+      logp_old = torch.cat([_sb.torch_sequence_logprobs(lm, s, p, True)[0]
+                            for s in seqs.split(per_micro)])
       lora_switch["on"] = False
-      logp_ref, _ = _sb.torch_sequence_logprobs(lm, seqs, p)
+      logp_ref = torch.cat([_sb.torch_sequence_logprobs(lm, s, p)[0]
+                            for s in seqs.split(per_micro)])
       lora_switch["on"] = True
       total = reward - KL_COEF * (logp_old - logp_ref)
       total = (total - total.mean()) / torch.sqrt(total.var(unbiased=False) + 1e-8)
@@ -296,13 +303,16 @@ def worker_torch(args) -> dict:
       order = rng.permutation(rows // g)
       index = torch.tensor((order[:, None] * g + np.arange(g)[None, :]).reshape(-1))
       lm_opt.zero_grad(set_to_none=True)
-      logp_new, _ = _sb.torch_sequence_logprobs(lm, seqs[index], p, True)
-      d = ((logp_new - logp_old[index]) - total[index]).reshape(-1, g)
-      j, k = np.triu_indices(g, k=1)
-      loss = torch.square(d[:, j] - d[:, k]).mean()
-      loss.backward()
+      pass_loss = 0.0
+      for micro in index.split(per_micro):  # gradient accumulation, as ours does
+        logp_new, _ = _sb.torch_sequence_logprobs(lm, seqs[micro], p, True)
+        d = ((logp_new - logp_old[micro]) - total[micro]).reshape(-1, g)
+        j, k = np.triu_indices(g, k=1)
+        loss = torch.square(d[:, j] - d[:, k]).mean() / num_micro
+        loss.backward()
+        pass_loss += loss.detach().item()
       lm_opt.step()
-      losses.append(loss.detach().item())
+      losses.append(pass_loss)
     return {"reward": float(reward.mean()), "loss": float(np.mean(losses))}
 
   # Warm-up on the same code path with a short rollout and one pass (torch has no compile).
@@ -444,6 +454,14 @@ def _cpu_model() -> str:
   return platform.processor() or "unknown CPU"
 
 
+def _micro_text(args) -> str:
+  if not args.micro_batch or args.micro_batch == args.prompts:
+    return "one batch"
+  plural = "s" if args.micro_batch > 1 else ""
+  return (f"micro-batches of {args.micro_batch} prompt{plural} "
+          f"({args.micro_batch * args.group} rows, gradients accumulated)")
+
+
 def _table(args, res: dict, loadavg_before, command: str) -> str:
   js, ts, cl = res["jax"], res["torch"], res["cl"]
   rows_n = args.prompts * args.group
@@ -466,7 +484,8 @@ def _table(args, res: dict, loadavg_before, command: str) -> str:
       f"{rows_n} rows, {args.prompt_len}-token prompts, {args.new_tokens} tokens sampled at "
       f"temperature 1 (no early stop), profiles re-tokenized to {args.profile_len} MiniLM tokens, "
       f"NDCG reward over {args.items} items ({args.item_len} tokens), logp_old + logp_ref, "
-      f"{args.passes} REBEL passes with one AdamW step each. CL: InfoNCE over {args.prompts} "
+      f"{args.passes} REBEL passes with one AdamW step each, scoring and passes in "
+      f"{_micro_text(args)}. CL: InfoNCE over {args.prompts} "
       f"(profile {args.profile_len} tokens, item {args.item_len} tokens) pairs, full MiniLM "
       f"fine-tuning. RLSO: each side in its own process, median of {args.reps} timed call(s) "
       f"after a warm-up. CL: both sides in one process, alternating call by call, median of "
@@ -532,6 +551,9 @@ def main(argv=None):
   parser.add_argument("--prompt_len", type=int, default=128)
   parser.add_argument("--new_tokens", type=int, default=64)
   parser.add_argument("--passes", type=int, default=4)
+  parser.add_argument("--micro_batch", type=int, default=2,
+                      help="prompts per micro-batch of the REBEL passes and the scoring "
+                           "forwards, both sides (0: the whole batch at once)")
   parser.add_argument("--lora_rank", type=int, default=16)
   parser.add_argument("--items", type=int, default=256)
   parser.add_argument("--item_len", type=int, default=24)
@@ -550,11 +572,14 @@ def main(argv=None):
   if args.quick:
     args.prompts, args.prompt_len, args.new_tokens, args.passes = 2, 16, 8, 2
     args.items, args.item_len, args.profile_len, args.reps, args.matmul_n = 16, 16, 24, 1, 512
-    args.cl_reps = 1
+    args.cl_reps, args.micro_batch = 1, 1
   for name in ("prompts", "prompt_len", "new_tokens", "passes", "reps", "cl_reps", "items",
                "item_len", "profile_len", "lora_rank"):
     if getattr(args, name) < 1:
       raise SystemExit(f"--{name}={getattr(args, name)}: must be >= 1")
+  if args.micro_batch < 0 or (args.micro_batch and args.prompts % args.micro_batch):
+    raise SystemExit(f"--micro_batch={args.micro_batch}: must divide --prompts={args.prompts}"
+                     " (0: no micro-batches)")
   if args.group < 2:
     raise SystemExit(f"--group={args.group}: REBEL needs at least 2 samples per prompt")
   if args.items < args.prompts + HISTORY_LEN:
@@ -564,8 +589,8 @@ def main(argv=None):
     _sb.run_worker(WORKERS[args.worker], args)
     return
   passthrough = [f"--{k}={getattr(args, k)}" for k in (
-      "prompts", "group", "prompt_len", "new_tokens", "passes", "lora_rank", "items", "item_len",
-      "profile_len", "reps", "cl_reps", "matmul_n", "torch_threads", "tmpdir")]
+      "prompts", "group", "prompt_len", "new_tokens", "passes", "micro_batch", "lora_rank",
+      "items", "item_len", "profile_len", "reps", "cl_reps", "matmul_n", "torch_threads", "tmpdir")]
   loadavg = os.getloadavg()
   results = {name: _run_worker(name, passthrough) for name in WORKERS}
   command = " ".join([".venv/bin/python bench/train_steps.py"] + sys.argv[1:])
