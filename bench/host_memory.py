@@ -130,7 +130,7 @@ def main(argv=None):
   if args.quick:
     args.batch, args.prompt_len, args.new_tokens, args.train_reps, args.rounds = 2, 16, 8, 1, 1
   # Fields the shared LoRA step reads.
-  args.train_batch, args.device = args.batch, "cpu"
+  args.train_batch, args.train_micro_batches, args.device = args.batch, 1, "cpu"
   if args.worker:
     _sb.run_worker(worker, args)
     return

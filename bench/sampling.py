@@ -5,7 +5,8 @@ after ``--prompt_len``-token prompts) it measures, for each batch size:
 
 * tokens/s of :func:`langptune_jax.sampling.sample` and of HF ``generate``;
 * forward + backward + AdamW time of one LoRA (rank ``--lora_rank``) step on a
-  sequence log-prob loss, ours vs a plain LoRA wrapper on the torch model;
+  sequence log-prob loss, ours vs a plain LoRA wrapper on the torch model, both
+  accumulating gradients over ``--train_micro_batches`` micro-batches;
 * a large float32 matmul's FLOP/s in each framework, and each step's achieved
   FLOP/s as a fraction of it;
 * peak RSS: each side's sampling in its own subprocess, so peaks don't mix.
@@ -211,7 +212,12 @@ def alternate(ours, theirs, reps: int) -> tuple[float, list[float], list[float]]
 
 
 def _jax_lora_step(args):
-  """Our LoRA training step on a fixed batch: (step, flops); step() runs one and returns the loss."""
+  """Our LoRA training step on a fixed batch: (step, flops); step() runs one and returns the loss.
+
+  With ``--train_micro_batches`` the batch is split and the gradients are
+  accumulated inside the one jitted step (a scan), as the trainers do.
+  """
+  import jax
   import jax.numpy as jnp
   import numpy as np
   import optax
@@ -226,18 +232,30 @@ def _jax_lora_step(args):
   wrt = finetune.trainable_filter("lora")
   optimizer = nnx.Optimizer(model, optax.adamw(1e-4, eps=1e-6), wrt=wrt)
   b, p, n = args.train_batch, args.prompt_len, args.new_tokens
+  micro = args.train_micro_batches
   tokens = _prompts(b, p + n, config.vocab_size, seed=1).astype(np.int32)
-  prompt, response = jnp.asarray(tokens[:, :p]), jnp.asarray(tokens[:, p:])
-  ones_p, ones_r = jnp.ones((b, p), bool), jnp.ones((b, n), bool)
+  # [micro-batches, rows per micro-batch, length]
+  prompt = jnp.asarray(tokens[:, :p].reshape(micro, b // micro, p))
+  response = jnp.asarray(tokens[:, p:].reshape(micro, b // micro, n))
 
   @nnx.jit
   def train_step(model, optimizer, prompt, response):
-    def loss_fn(model):
-      logp = sampling.sequence_logprobs(model, prompt, ones_p, response, ones_r)
-      return -jnp.mean(logp)
-    loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, wrt))(model)
+    graphdef, params, rest = nnx.split(model, wrt, ...)
+
+    def loss_fn(params, prompt_mb, response_mb):
+      logp = sampling.sequence_logprobs(
+          nnx.merge(graphdef, params, rest), prompt_mb, jnp.ones(prompt_mb.shape, bool),
+          response_mb, jnp.ones(response_mb.shape, bool))
+      return -jnp.sum(logp) / b  # summed over micro-batches: the batch mean
+
+    def accumulate(grads, mb):
+      loss, mb_grads = jax.value_and_grad(loss_fn)(params, *mb)
+      return jax.tree.map(jnp.add, grads, mb_grads), loss
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    grads, losses = jax.lax.scan(accumulate, zeros, (prompt, response))
     optimizer.update(model, grads)
-    return loss
+    return jnp.sum(losses)
 
   def step() -> float:
     return float(train_step(model, optimizer, prompt, response))  # float() waits for it
@@ -307,11 +325,14 @@ def _torch_lora_step(args):
 
   def step() -> float:
     optimizer.zero_grad(set_to_none=True)
-    logp, _ = torch_sequence_logprobs(model, tokens, p)
-    loss = -logp.mean()
-    loss.backward()
+    total = 0.0
+    for chunk in tokens.chunk(args.train_micro_batches):  # gradient accumulation, as ours
+      logp, _ = torch_sequence_logprobs(model, chunk, p)
+      loss = -logp.sum() / b
+      loss.backward()
+      total += loss.detach().item()  # waits for the device
     optimizer.step()
-    return loss.detach().item()  # waits for the device
+    return total
 
   return step
 
@@ -377,6 +398,11 @@ def _run_worker(name: str, argv: list[str], *, script: str = __file__,
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _micro_text(args) -> str:
+  m = args.train_micro_batches
+  return f" in {m} micro-batches" if m > 1 else ""
+
+
 def _span(times: list[float]) -> str:
   return f"{min(times):.2f}-{max(times):.2f}"
 
@@ -409,7 +435,7 @@ def _table(args, res) -> str:
   achieved = tr["flops"] / ours_s
   lines.append(
       f"| LoRA r={args.lora_rank} step (fwd+bwd+AdamW), batch {args.train_batch} x "
-      f"{args.prompt_len + args.new_tokens} | {ours_s * 1e3:.0f} ms | "
+      f"{args.prompt_len + args.new_tokens}{_micro_text(args)} | {ours_s * 1e3:.0f} ms | "
       f"{torch_s * 1e3:.0f} ms | {torch_s / ours_s:.2f}x "
       f"| {achieved / 1e9:.1f} ({achieved / tr['matmul_flops']['jax']:.0%}) "
       f"| {tr['compile_s']:.1f} | {tr['peak_rss_mib']:.0f}, both sides in one process |")
@@ -446,6 +472,8 @@ def main(argv=None):
   parser.add_argument("--train_batch", type=int, default=8)
   parser.add_argument("--train_reps", type=int, default=5,
                       help="LoRA steps timed per side, alternating (median kept)")
+  parser.add_argument("--train_micro_batches", type=int, default=4,
+                      help="micro-batches per LoRA step, both sides (gradients accumulated)")
   parser.add_argument("--matmul_n", type=int, default=2048)
   parser.add_argument("--out", default=str(ROOT / "bench/results/sampling.md"))
   parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke run")
@@ -463,14 +491,18 @@ def main(argv=None):
     args.model = str(assets.asset_path("smollm2"))
   if args.quick:
     args.batches, args.prompt_len, args.new_tokens = "2", 16, 8
-    args.train_batch, args.train_reps, args.matmul_n = 2, 1, 512
+    args.train_batch, args.train_reps, args.matmul_n, args.train_micro_batches = 2, 1, 512, 1
   args.batches = [int(b) for b in str(args.batches).split(",")]
+  if args.train_micro_batches < 1 or args.train_batch % args.train_micro_batches:
+    raise SystemExit(f"--train_micro_batches={args.train_micro_batches}: must be >= 1 and divide "
+                     f"--train_batch={args.train_batch}")
   if args.worker:
     run_worker(WORKERS[args.worker], args)
     return
   passthrough = [f"--model={args.model}", f"--device={args.device}", f"--prompt_len={args.prompt_len}",
                  f"--new_tokens={args.new_tokens}", f"--lora_rank={args.lora_rank}",
                  f"--train_batch={args.train_batch}", f"--train_reps={args.train_reps}",
+                 f"--train_micro_batches={args.train_micro_batches}",
                  f"--matmul_n={args.matmul_n}", "--batches=" + ",".join(map(str, args.batches))]
   results = {name: _run_worker(name, passthrough) for name in WORKERS}
   table = _table(args, results)
