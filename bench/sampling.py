@@ -225,6 +225,7 @@ def _jax_lora_step(args):
 
   from langptune_jax import flops, sampling
   from langptune_jax.models import finetune, lora
+  from langptune_jax.train import state as state_lib
   from langptune_jax.weights import hf
   model, config = hf.load_decoder(args.model, dtype="float32", param_dtype="float32")
   lora.apply_lora(model, targets=LORA_TARGETS, rank=args.lora_rank, alpha=2.0 * args.lora_rank,
@@ -240,20 +241,17 @@ def _jax_lora_step(args):
 
   @nnx.jit
   def train_step(model, optimizer, prompt, response):
-    graphdef, params, rest = nnx.split(model, wrt, ...)
+    graphdef, params, rest = state_lib.split_trainable(model, wrt)
 
-    def loss_fn(params, prompt_mb, response_mb):
+    def loss_fn(params, mb):
+      prompt_mb, response_mb = mb
       logp = sampling.sequence_logprobs(
           nnx.merge(graphdef, params, rest), prompt_mb, jnp.ones(prompt_mb.shape, bool),
           response_mb, jnp.ones(response_mb.shape, bool))
       return -jnp.sum(logp) / b  # summed over micro-batches: the batch mean
 
-    def accumulate(grads, mb):
-      loss, mb_grads = jax.value_and_grad(loss_fn)(params, *mb)
-      return jax.tree.map(jnp.add, grads, mb_grads), loss
-
-    zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, losses = jax.lax.scan(accumulate, zeros, (prompt, response))
+    grads, losses = state_lib.accumulate_gradients(jax.value_and_grad(loss_fn), params,
+                                                   (prompt, response))
     optimizer.update(model, grads)
     return jnp.sum(losses)
 

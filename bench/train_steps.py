@@ -276,6 +276,13 @@ def worker_torch(args) -> dict:
                          top_k=0, top_p=1.0, temperature=1.0, min_new_tokens=new_tokens,
                          max_new_tokens=new_tokens, pad_token_id=lm.config.eos_token_id)
 
+  pair_j, pair_k = np.triu_indices(g, k=1)  # every pair within a prompt's group
+
+  def score(seqs, *flags):
+    """Sequence log-probs, micro-batch by micro-batch as ours scores them."""
+    return torch.cat([_sb.torch_sequence_logprobs(lm, chunk, p, *flags)[0]
+                      for chunk in seqs.split(per_micro)])
+
   def rlso_update(new_tokens=n, passes=args.passes):
     seqs = rollout(new_tokens)
     assert seqs.shape == (rows, p + new_tokens), seqs.shape
@@ -289,11 +296,9 @@ def worker_torch(args) -> dict:
       target_score = scores.gather(1, targets[:, None])
       rank = 1 + (scores > target_score).sum(-1)
       reward = torch.where(truncated, 0.0, 1.0 / torch.log2(rank.float() + 1.0))
-      logp_old = torch.cat([_sb.torch_sequence_logprobs(lm, s, p, True)[0]
-                            for s in seqs.split(per_micro)])
+      logp_old = score(seqs, True)
       lora_switch["on"] = False
-      logp_ref = torch.cat([_sb.torch_sequence_logprobs(lm, s, p)[0]
-                            for s in seqs.split(per_micro)])
+      logp_ref = score(seqs)
       lora_switch["on"] = True
       total = reward - KL_COEF * (logp_old - logp_ref)
       total = (total - total.mean()) / torch.sqrt(total.var(unbiased=False) + 1e-8)
@@ -307,8 +312,7 @@ def worker_torch(args) -> dict:
       for micro in index.split(per_micro):  # gradient accumulation, as ours does
         logp_new, _ = _sb.torch_sequence_logprobs(lm, seqs[micro], p, True)
         d = ((logp_new - logp_old[micro]) - total[micro]).reshape(-1, g)
-        j, k = np.triu_indices(g, k=1)
-        loss = torch.square(d[:, j] - d[:, k]).mean() / num_micro
+        loss = torch.square(d[:, pair_j] - d[:, pair_k]).mean() / num_micro
         loss.backward()
         pass_loss += loss.detach().item()
       lm_opt.step()

@@ -10,8 +10,9 @@ trimming, a freed block stays in the heap and the next call reuses it.
 What that costs (``bench/host_memory.py``): small allocations made between
 two calls can split the freed block, and the next call then takes a second
 block from fresh memory, which stays; in one of two measured processes peak
-RSS reached 11.4 GiB against about 8 GiB with glibc's defaults. The sampler's speed moved both ways
-between runs, within the shared host's noise. So the settings are opt-in:
+RSS reached 11.4 GiB against about 8 GiB with glibc's defaults. The sampler's
+speed moved both ways between runs, within the shared host's noise. So the
+settings are opt-in:
 ``LANGPTUNE_MALLOC=reuse`` turns them on for the ``langptune-jax`` command
 and the benchmarks; ``system`` (the default) keeps glibc's.
 """

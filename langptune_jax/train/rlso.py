@@ -66,7 +66,7 @@ def _num_micro(rows: int, settings: RLSOSettings) -> int:
 
 def rlso_loss_and_grads(model: nnx.Module, wrt, batch: dict, settings: RLSOSettings):
   """REBEL loss over all in-group pairs, accumulated over micro-batches."""
-  graphdef, trainable, rest = nnx.split(model, wrt, ...)
+  graphdef, trainable, rest = state_lib.split_trainable(model, wrt)
   rows = batch["prompt_tokens"].shape[0]
   num_micro = _num_micro(rows, settings)
 
@@ -85,13 +85,8 @@ def rlso_loss_and_grads(model: nnx.Module, wrt, batch: dict, settings: RLSOSetti
   else:
     chunked = {k: state_lib.to_micro_batches(v, num_micro, settings.group_size)
                for k, v in batch.items()}
-
-    def body(acc, mb):
-      (loss, aux), grads = grad_fn(trainable, mb)
-      return jax.tree.map(jnp.add, acc, grads), (loss, aux)
-
-    zeros = jax.tree.map(jnp.zeros_like, trainable)
-    grads, (loss, (logp_new, entropy)) = jax.lax.scan(body, zeros, chunked)
+    grads, (loss, (logp_new, entropy)) = state_lib.accumulate_gradients(grad_fn, trainable,
+                                                                        chunked)
     grads = jax.tree.map(lambda g: g / num_micro, grads)
     loss = jnp.mean(loss)
     logp_new = state_lib.from_micro_batches(logp_new, settings.group_size)

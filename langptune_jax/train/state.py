@@ -112,6 +112,19 @@ def tree_mean(trees: list) -> Any:
   return jax.tree.map(lambda *xs: jnp.mean(jnp.stack(xs)), *trees)
 
 
+def accumulate_gradients(grad_fn: Callable, params, micro_batches):
+  """Sums ``grad_fn(params, mb) -> (out, grads)`` over the leading axis of `micro_batches`.
+
+  One ``lax.scan``, so XLA keeps the activations of a single micro-batch.
+  Returns (summed grads, the outs stacked along a new leading axis).
+  """
+  def body(acc, mb):
+    out, grads = grad_fn(params, mb)
+    return jax.tree.map(jnp.add, acc, grads), out
+
+  return jax.lax.scan(body, jax.tree.map(jnp.zeros_like, params), micro_batches)
+
+
 def to_micro_batches(x: jax.Array, num_micro: int, group_size: int = 1) -> jax.Array:
   """[rows, ...] -> [num_micro, rows // num_micro, ...], whole groups per micro-batch.
 
