@@ -39,16 +39,11 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from langptune_jax import flops, parallel
-from langptune_jax.models import layers, presets, transformer
+from langptune_jax.models import presets, transformer
 
 GiB = 1024 ** 3
 HEADROOM = 0.9  # usable fraction of HBM (runtime, fragmentation, XLA's own buffers)
 VERDICT_CHIPS = ("v4", "v5e", "v5p", "v6e", "a100", "h100", "h200")
-
-# LoRA target name -> the Linear attribute it adapts.
-_LORA_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-                 "gate": "gate_proj", "up": "up_proj", "down": "down_proj", "lm_head": "lm_head"}
-
 
 @dataclasses.dataclass
 class StepPlan:
@@ -166,36 +161,13 @@ def kv_cache_bytes(cfg: transformer.DecoderConfig, batch: int, cache_len: int, m
 
 # --- abstract models -----------------------------------------------------------
 
-def add_lora(model: nnx.Module, targets, *, rank: int, alpha: float, dropout: float = 0.0,
-             rngs: nnx.Rngs) -> int:
-  """Adds adapters to the Linear layers named by `targets`; returns how many."""
-  wanted = {_LORA_MODULES[t] for t in targets if t in _LORA_MODULES}
-  count = 0
-  for path, module in nnx.iter_graph(model):
-    if isinstance(module, layers.Linear) and path and path[-1] in wanted:
-      module.add_lora(rank=rank, alpha=alpha, dropout=dropout, rngs=rngs)
-      count += 1
-  return count
-
-
 @dataclasses.dataclass
 class AbstractModel:
-  """A model + optimizer from shapes alone, with shardings (a train state without arrays)."""
-  train_state: Any  # train.state.TrainState with ShapeDtypeStruct leaves
-  model_graphdef: Any
-  model_state: Any  # abstract, model only
-  model_shardings: Any
-  config: Any
+  """A train state from shapes alone (``ShapeDtypeStruct`` leaves with shardings)."""
+  train_state: Any  # train.state.TrainState
+  config: Any  # the architecture's config
   trainable_params: int
   total_params: int
-  model: Any = None  # the abstract module itself
-  mesh: Any = None
-  rules: Any = parallel.DEFAULT_RULES
-
-  def trainable_state(self):
-    """Abstract state of the trainable parameters, with shardings."""
-    state = nnx.state(self.model, self.train_state.wrt)
-    return with_shardings(state, parallel.state_shardings(state, self.mesh, self.rules))
 
   @property
   def state(self):
@@ -206,91 +178,56 @@ class AbstractModel:
     return self.train_state.shardings
 
 
-def _abstract(build: Callable[[], tuple[nnx.Module, nnx.Optimizer]], wrt, mesh, rules, cfg):
-  from langptune_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  model, optimizer = nnx.eval_shape(build)
-  graphdef, state = nnx.split((model, optimizer))
-  shardings = parallel.state_shardings(state, mesh, rules)
-  model_graphdef, model_state = nnx.split(model)
-  model_shardings = parallel.state_shardings(model_state, mesh, rules)
-  trainable = sum(int(math.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, wrt)))
-  total = sum(int(math.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-  ts = state_lib.TrainState(graphdef, with_shardings(state, shardings), shardings, wrt)
-  return AbstractModel(ts, model_graphdef, with_shardings(model_state, model_shardings),
-                       model_shardings, cfg, trainable, total, model, mesh, rules)
+def model_constructors(config) -> tuple[Callable[[], nnx.Module], Callable[[], nnx.Module]]:
+  """Constructors of the encoder (LLM) and decoder (embedder) from presets or config.json."""
+  from langptune_jax.models import bert  # pylint: disable=g-import-not-at-top
+  from langptune_jax.models import embedder as embedder_lib  # pylint: disable=g-import-not-at-top
+  e, r = config.encoder, config.decoder
+  ecfg = presets.decoder_config(e.get("preset", ""), e.path, section="encoder",
+                                dtype=e.dtype, param_dtype=e.param_dtype, remat=e.remat)
+  remat = r.get("remat", "none")
+  if r.family == "bert":
+    rcfg = presets.bert_config(r.get("preset", ""), r.path, dtype=jnp.dtype(r.dtype),
+                               param_dtype=jnp.dtype(r.param_dtype),
+                               remat=remat not in ("none", False, ""))
+    make_model = lambda: bert.Bert(rcfg, rngs=nnx.Rngs(0))  # noqa: E731
+  else:
+    rcfg = presets.decoder_config(r.get("preset", ""), r.path, section="decoder", dtype=r.dtype,
+                                  param_dtype=r.param_dtype,
+                                  remat=remat if isinstance(remat, str) else "none")
+    make_model = lambda: transformer.Decoder(rcfg, rngs=nnx.Rngs(0))  # noqa: E731
+
+  def make_decoder():
+    return embedder_lib.Embedder(make_model(), family=r.family, pooling=r.pooling,
+                                 normalize=bool(r.normalize))
+
+  return (lambda: transformer.Decoder(ecfg, rngs=nnx.Rngs(0))), make_decoder
 
 
-def with_shardings(state, shardings):
-  """ShapeDtypeStructs carrying their shardings (what ``.lower`` needs)."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      state, shardings)
+def abstract_setup(config, mesh, rules=parallel.DEFAULT_RULES, *, eos_ids=None,
+                   pad_id: int = 0):
+  """The training set-up of `config` (train.setup) from shapes alone.
+
+  `eos_ids` default to the encoder config's (the tokenizer may add more; they
+  change constants, not shapes).
+  """
+  from langptune_jax.train import setup  # pylint: disable=g-import-not-at-top
+  make_encoder, make_decoder = model_constructors(config)
+  if eos_ids is None:
+    eos_ids = tuple(nnx.eval_shape(make_encoder).config.eos_ids) or (1,)
+  return setup.build_abstract(config, make_encoder, make_decoder, eos_ids=eos_ids,
+                              pad_id=pad_id, mesh=mesh, rules=rules)
 
 
 def encoder_model(config, mesh, rules=parallel.DEFAULT_RULES) -> AbstractModel:
   """The profile encoder (LLM) with LoRA / partial / full training and its AdamW."""
-  from langptune_jax.models import finetune  # pylint: disable=g-import-not-at-top
-  from langptune_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  e = config.encoder
-  cfg = presets.decoder_config(e.get("preset", ""), e.path, section="encoder",
-                               dtype=e.dtype, param_dtype=e.param_dtype, remat=e.remat)
-  mode = e.training
-  wrt = finetune.trainable_filter(mode, num_layers_unfrozen=int(e.num_layers_unfrozen),
-                                  num_layers=cfg.num_layers)
-  total_steps = int(config.rl.num_lm_updates) * int(config.train.num_iterations)
-  tx = state_lib.adamw(config.rl, max(total_steps, 1))
-
-  def build():
-    model = transformer.Decoder(cfg, rngs=nnx.Rngs(0))
-    if mode == "lora":
-      add_lora(model, tuple(config.lora.targets), rank=int(config.lora.rank),
-               alpha=float(config.lora.alpha), rngs=nnx.Rngs(1))
-    return model, nnx.Optimizer(model, tx, wrt=wrt)
-
-  return _abstract(build, wrt, mesh, rules, cfg)
+  s = abstract_setup(config, mesh, rules)
+  return AbstractModel(s.encoder_state, s.encoder_config, s.encoder_trainable, s.encoder_total)
 
 
-@dataclasses.dataclass(frozen=True)
-class _TopLayers:
-  """NNX filter: parameters of blocks >= first (under any ``layers`` list) and after them."""
-  first: int
-
-  def __call__(self, path, variable) -> bool:
-    if not isinstance(variable, nnx.Param):
-      return False
-    for i, key in enumerate(path[:-1]):
-      if key == "layers" and isinstance(path[i + 1], int):
-        return path[i + 1] >= self.first
-    return False
-
-
-def decoder_model(config, mesh, rules=parallel.DEFAULT_RULES) -> AbstractModel:
-  """The recommender decoder (text embedder) and its AdamW."""
-  from langptune_jax.models import bert  # pylint: disable=g-import-not-at-top
-  from langptune_jax.models import embedder as embedder_lib  # pylint: disable=g-import-not-at-top
-  from langptune_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  r = config.decoder
-  dtype, param_dtype = jnp.dtype(r.dtype), jnp.dtype(r.param_dtype)
-  remat = r.get("remat", "none")
-  if r.family == "bert":
-    cfg = presets.bert_config(r.get("preset", ""), r.path, dtype=dtype, param_dtype=param_dtype,
-                              remat=remat not in ("none", False, ""))
-    make = lambda: bert.Bert(cfg, rngs=nnx.Rngs(0))
-  else:
-    cfg = presets.decoder_config(r.get("preset", ""), r.path, section="decoder", dtype=r.dtype,
-                                 param_dtype=r.param_dtype,
-                                 remat=remat if isinstance(remat, str) else "none")
-    make = lambda: transformer.Decoder(cfg, rngs=nnx.Rngs(0))
-  unfrozen = int(r.num_layers_unfrozen)
-  wrt = nnx.Param if unfrozen < 0 else _TopLayers(cfg.num_layers - unfrozen)
-  total_steps = int(config.cl.num_emb_updates) * int(config.train.num_iterations)
-  tx = state_lib.adamw(config.cl, max(total_steps, 1))
-
-  def build():
-    model = embedder_lib.Embedder(make(), family=r.family, pooling=r.pooling,
-                                  normalize=bool(r.normalize))
-    return model, nnx.Optimizer(model, tx, wrt=wrt)
-
-  return _abstract(build, wrt, mesh, rules, cfg)
+def _models(s) -> tuple[AbstractModel, AbstractModel]:
+  return (AbstractModel(s.encoder_state, s.encoder_config, s.encoder_trainable, s.encoder_total),
+          AbstractModel(s.decoder_state, s.decoder_config, s.decoder_trainable, s.decoder_total))
 
 
 def _split_state_bytes(m: AbstractModel) -> tuple[int, int, int]:
@@ -358,6 +295,48 @@ def _struct_bytes(*structs) -> int:
   return sum(_leaf_bytes(x, x.sharding) for x in jax.tree.leaves(structs))
 
 
+def step_arguments(config, s, mesh, rules=parallel.DEFAULT_RULES) -> dict[str, tuple]:
+  """Abstract arguments of each jitted step of set-up `s`, with the shapes `train` passes.
+
+  Rows are rounded up to the data-parallel size; prompts have the dataset's
+  width (``data.prompt_max_len``, the sampler buckets them itself); embedder
+  masks are int32 as the tokenizer writes them, prompt masks bool.
+  """
+  dp = parallel.data_parallel_size(mesh, rules)
+  rows = -(-int(config.rl.prompts_per_update) * int(config.rl.num_generations) // dp) * dp
+  p_len, n_new = int(config.data.prompt_max_len), int(config.rl.response_length)
+  d_len = int(config.data.decoder_max_len)
+  prompt = {"prompt_tokens": _batch(mesh, rules, (rows, p_len), jnp.int32),
+            "prompt_mask": _batch(mesh, rules, (rows, p_len), jnp.bool_)}
+  seq = dict(prompt, response_tokens=_batch(mesh, rules, (rows, n_new), jnp.int32),
+             response_mask=_batch(mesh, rules, (rows, n_new), jnp.bool_))
+  per_row = _batch(mesh, rules, (rows,), jnp.float32)
+  rollout = dict(seq, logp_old=per_row, total_reward=per_row, task_reward=per_row, kl=per_row)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+  cl_rows = -(-int(config.cl.batch_size) // dp) * dp
+  text = lambda n: (_batch(mesh, rules, (n, d_len), jnp.int32),  # noqa: E731
+                    _batch(mesh, rules, (n, d_len), jnp.int32))
+  profile, item = text(cl_rows), text(cl_rows)
+  cl_batch = {"profile_tokens": profile[0], "profile_mask": profile[1], "item_tokens": item[0],
+              "item_mask": item[1], "item_ids": _batch(mesh, rules, (cl_rows,), jnp.int32)}
+  e_rows = -(-int(config.decoder.embed_batch_size) // dp) * dp
+  return {
+      "sample": (s.encoder_state.state, prompt["prompt_tokens"], prompt["prompt_mask"], key),
+      "rlso/logprobs": (s.encoder_state.state, s.reference, seq),
+      "rlso/update": (s.encoder_state.state, rollout),
+      "cl/update": (s.decoder_state.state, cl_batch),
+      "embed": (s.decoder_state.state, *text(e_rows)),
+  }
+
+
+def step_functions(s) -> dict[str, Callable]:
+  """The jitted steps of set-up `s`, under the names of :func:`step_arguments`."""
+  return {"sample": s.steps.sample, "rlso/logprobs": s.steps.policy_logprobs,
+          "rlso/update": s.steps.rlso_pass, "cl/update": s.steps.cl_step,
+          "embed": s.steps.embed}
+
+
 def plan_config(config, mesh=None, *, compile_steps: bool = True,
                 log: Callable[[str], Any] = logging.info) -> Plan:
   """Builds the memory plan of `config` on `mesh` (default: from config.mesh and all devices).
@@ -366,14 +345,12 @@ def plan_config(config, mesh=None, *, compile_steps: bool = True,
   KV cache, batches): fast, but without XLA's temporaries.
   """
   from langptune_jax import sampling  # pylint: disable=g-import-not-at-top
-  from langptune_jax.models import finetune  # pylint: disable=g-import-not-at-top
-  from langptune_jax.train import contrastive, rlso  # pylint: disable=g-import-not-at-top
 
   rules = parallel.rules_from_config(config.mesh.get("rules", None))
   mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
   dp = parallel.data_parallel_size(mesh, rules)
-  enc = encoder_model(config, mesh, rules)
-  dec = decoder_model(config, mesh, rules)
+  s = abstract_setup(config, mesh, rules)
+  enc, dec = _models(s)
   ecfg: transformer.DecoderConfig = enc.config
 
   enc_frozen, enc_train, enc_opt = _split_state_bytes(enc)
@@ -390,115 +367,54 @@ def plan_config(config, mesh=None, *, compile_steps: bool = True,
   if compile_steps and jax.default_backend() == "cpu":
     notes.append("temporaries come from XLA's CPU compiler, which widens bfloat16 math to "
                  "float32 and schedules differently: an upper estimate for TPU/GPU")
-  if config.encoder.training != "lora":
-    resident["reference copy (frozen)"] = enc_train  # the trainable part, snapshotted
+  ref_bytes = 0
+  if s.reference.state is not None:
+    ref_bytes = _struct_bytes(s.reference.state)
+    resident["reference copy (frozen)"] = ref_bytes
   if (config.encoder.training == "lora" and "lm_head" in tuple(config.lora.targets)
       and ecfg.tie_embeddings):
     notes.append("lora.targets has lm_head but the encoder ties its embeddings: no adapter there")
   state_bytes_enc = enc_frozen + enc_train + enc_opt
-  model_bytes_enc = tree_bytes(enc.model_state, enc.model_shardings)
   state_bytes_dec = dec_frozen + dec_train + dec_opt
 
+  args = step_arguments(config, s, mesh, rules)
+  functions = step_functions(s)
   g = int(config.rl.num_generations)
-  rows = int(config.rl.prompts_per_update) * g
-  rows = -(-rows // dp) * dp
-  p_len = sampling.bucket_length(int(config.data.prompt_max_len))
+  rows, p_len = args["sample"][1].shape
   n_new = int(config.rl.response_length)
-  n_b = sampling.bucket_length(n_new)
-  cache_len = int(config.encoder.cache_size) or (p_len + n_b)
-  cache_dtype = jnp.dtype(config.encoder.dtype)
+  cache_len = int(config.encoder.cache_size) or (sampling.bucket_length(p_len)
+                                                 + sampling.bucket_length(n_new))
+  kv = kv_cache_bytes(ecfg, rows, cache_len, mesh, rules, jnp.dtype(config.encoder.dtype))
+  micro, cl_micro = int(config.rl.micro_batch_size), int(config.cl.micro_batch_size)
+  cl_rows = args["cl/update"][1]["item_ids"].shape[0]
   d_len = int(config.data.decoder_max_len)
-  steps: list[StepPlan] = []
-
-  # 1. Rollout: the public sampler (prefill + decode loop) traced as one program,
-  # so its peak covers the prompt pass, the KV cache and the decode loop together.
-  tokens = _batch(mesh, rules, (rows, p_len), jnp.int32)
-  mask = _batch(mesh, rules, (rows, p_len), jnp.bool_)
-  key = _replicated(mesh, (2,), jnp.uint32)
-  enc_graphdef = enc.model_graphdef
-  eos = tuple(ecfg.eos_ids) or (1,)
-
-  def sample_fn(state, tokens, mask, rng):
-    with parallel.use_mesh(mesh, rules):
-      out = sampling.sample(nnx.merge(enc_graphdef, state), tokens, mask, rng=rng,
-                            max_new_tokens=n_new, temperature=float(config.rl.temperature),
-                            top_k=int(config.rl.top_k), top_p=float(config.rl.top_p),
-                            eos_ids=eos, stop_at_eos=bool(config.rl.stop_at_eos),
-                            cache_size=cache_len, cache_dtype=cache_dtype)
-      return out.tokens, out.response_mask, out.logprobs
-
-  kv = kv_cache_bytes(ecfg, rows, cache_len, mesh, rules, cache_dtype)
-  rollout = StepPlan("sample", f"{rows} x ({p_len} + {n_new}), cache {cache_len}", kv_cache=kv,
-                     io=kv + _struct_bytes(tokens, mask) + 3 * _struct_bytes(
-                         _batch(mesh, rules, (rows, n_new), jnp.float32)))
-  _compile(rollout, lambda: jax.jit(sample_fn, in_shardings=(
-      enc.model_shardings, tokens.sharding, mask.sharding, key.sharding)).lower(
-          enc.model_state, tokens, mask, key), model_bytes_enc, compile_steps, log)
+  e_rows = args["embed"][1].shape[0]
+  seq_shape = f"{rows} x ({p_len} + {n_new})"
+  steps = [
+      # The rollout traced as one program: its peak covers the prompt pass, the KV
+      # cache and the decode loop together.
+      StepPlan("sample", f"{seq_shape}, cache {cache_len}", kv_cache=kv,
+               io=kv + _struct_bytes(args["sample"][1:3]) + 3 * _struct_bytes(
+                   _batch(mesh, rules, (rows, n_new), jnp.float32))),
+      StepPlan("rlso/logprobs", seq_shape, io=_struct_bytes(args["rlso/logprobs"][2])),
+      StepPlan("rlso/update", seq_shape + (f", micro {micro * g}" if micro else ""),
+               io=_struct_bytes(args["rlso/update"][1])),
+      StepPlan("cl/update", f"{cl_rows} x 2 x {d_len}" + (f", micro {cl_micro}" if cl_micro
+                                                           else ""),
+               io=_struct_bytes(args["cl/update"][1])),
+      StepPlan("embed", f"{e_rows} x {d_len}", io=_struct_bytes(args["embed"][1:])),
+  ]
+  resident_in = {"sample": state_bytes_enc, "rlso/logprobs": state_bytes_enc + ref_bytes,
+                 "rlso/update": state_bytes_enc, "cl/update": state_bytes_dec,
+                 "embed": state_bytes_dec}
+  for step in steps:
+    fn, step_args = functions[step.name], args[step.name]
+    _compile(step, lambda: fn.lower(*step_args), resident_in[step.name], compile_steps, log)
+  rollout = steps[0]
   # XLA's analysis counts the cache among the temporaries; keep the columns apart.
   if rollout.temporaries is not None and rollout.temporaries >= kv:
     rollout.temporaries -= kv
     rollout.io += kv
-  steps.append(rollout)
-
-  # 2. Log-probabilities of the rollout under the policy and the reference.
-  settings = rlso.RLSOSettings.from_config(config.rl)
-  seq = {"prompt_tokens": tokens, "prompt_mask": mask,
-         "response_tokens": _batch(mesh, rules, (rows, n_new), jnp.int32),
-         "response_mask": _batch(mesh, rules, (rows, n_new), jnp.bool_)}
-
-  mode = config.encoder.training
-  reference = finetune.ReferencePolicy(
-      mode=mode, wrt=enc.train_state.wrt,
-      state=None if mode == "lora" else enc.trainable_state())
-  ref_bytes = 0 if mode == "lora" else _struct_bytes(reference.state)
-  logps = StepPlan("rlso/logprobs", f"{rows} x ({p_len} + {n_new})", io=_struct_bytes(seq))
-  _compile(logps, lambda: rlso.make_policy_logprobs(enc.train_state, mesh, settings,
-                                                    rules).lower(enc.state, reference, seq),
-           state_bytes_enc + ref_bytes, compile_steps, log)
-  steps.append(logps)
-
-  # 3. One RLSO pass (an optimizer step over the rollout batch).
-  batch = {k: seq[k] if k in seq else _batch(mesh, rules, (rows,), jnp.float32)
-           for k in rlso.PASS_KEYS}
-  micro = int(config.rl.micro_batch_size)
-  update = StepPlan("rlso/update", f"{rows} x ({p_len} + {n_new})"
-                    + (f", micro {micro * g}" if micro else ""), io=_struct_bytes(batch))
-  _compile(update, lambda: rlso.make_rlso_pass(enc.train_state, mesh, settings, rules).lower(
-      enc.state, batch), state_bytes_enc, compile_steps, log)
-  steps.append(update)
-
-  # 4. One CL update on the decoder.
-  cl_rows = -(-int(config.cl.batch_size) // dp) * dp
-  # [rows, length] tokens and masks; [rows] ids (e.g. which item each row targets).
-  cl_batch = {k: _batch(mesh, rules, (cl_rows,) if k.endswith("_ids") else (cl_rows, d_len),
-                        jnp.bool_ if k.endswith("mask") else jnp.int32)
-              for k in contrastive.BATCH_KEYS}
-  cl_micro = int(config.cl.micro_batch_size)
-  cl = StepPlan("cl/update", f"{cl_rows} x 2 x {d_len}" + (f", micro {cl_micro}" if cl_micro
-                                                            else ""),
-                io=_struct_bytes(cl_batch))
-  _compile(cl, lambda: contrastive.make_cl_step(
-      dec.train_state, mesh, temperature=float(config.cl.temperature),
-      micro_batch_size=cl_micro, rules=rules).lower(dec.state, cl_batch), state_bytes_dec,
-           compile_steps, log)
-  steps.append(cl)
-
-  # 5. Embedding the catalogue (one batch of items).
-  e_rows = -(-int(config.decoder.embed_batch_size) // dp) * dp
-  e_tokens = _batch(mesh, rules, (e_rows, d_len), jnp.int32)
-  e_mask = _batch(mesh, rules, (e_rows, d_len), jnp.bool_)
-  dec_graphdef = dec.model_graphdef
-
-  def embed_fn(state, tokens, mask):
-    with parallel.use_mesh(mesh, rules):
-      return nnx.merge(dec_graphdef, state)(tokens, mask)
-
-  embed = StepPlan("embed", f"{e_rows} x {d_len}", io=_struct_bytes(e_tokens, e_mask))
-  dec_model_bytes = tree_bytes(dec.model_state, dec.model_shardings)
-  _compile(embed, lambda: jax.jit(embed_fn, in_shardings=(
-      dec.model_shardings, e_tokens.sharding, e_mask.sharding)).lower(
-          dec.model_state, e_tokens, e_mask), dec_model_bytes, compile_steps, log)
-  steps.append(embed)
 
   models = [
       f"encoder: {ecfg.family} {ecfg.num_layers} layers, d={ecfg.embed_dim}, "

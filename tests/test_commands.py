@@ -5,6 +5,7 @@ tokenizer; decoder: the real all-MiniLM-L6-v2. One module-scoped run trains
 with checkpoints, then `evaluate` and `export` work from its run directory.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -71,7 +72,7 @@ def trained(tmp_path_factory, encoder_dir, minilm_dir, ml100k_dir):
   trainer = commands.build_trainer(cfg, str(workdir))
   try:
     assert trainer.restore()
-    stopped = {"position": dict(trainer.position), "profiles": trainer.profiles}
+    stopped = {"position": dataclasses.asdict(trainer.position), "profiles": trainer.profiles}
   finally:
     trainer.close()
   cfg.train.stop_after_steps = 0

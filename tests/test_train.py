@@ -15,6 +15,7 @@ import tiny  # noqa: E402
 
 from langptune_jax import parallel  # noqa: E402
 from langptune_jax.train import (
+  contrastive,  # noqa: E402
   loop,  # noqa: E402
   losses,  # noqa: E402
 )
@@ -138,7 +139,7 @@ def test_resume_continues_exactly(tmp_path):
                        train__stop_after_steps=4, **RUN_OVERRIDES)  # 3 CL + 1 RL, then stop
   first = make_trainer(cfg, tmp_path / "resumed", num_devices=1)
   first.run()
-  assert not first.finished and first.position == {"iteration": 0, "phase": "rl", "step": 1}
+  assert not first.finished and first.position == loop.LoopPosition(0, "rl", 1)
   stopped_params = trainable_params(first)
   first.close()
   # The checkpoint restores onto another device count (8 devices, sharded).
@@ -261,8 +262,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
   cfg = planted_config(checkpoint__enabled=True, checkpoint__every_steps=0, **RUN_OVERRIDES)
   trainer = make_trainer(cfg, tmp_path, num_devices=1)
   monkeypatch.setattr(losses, "info_nce", poisoned)
-  trainer.cl_step = loop.contrastive.make_cl_step(trainer.decoder_state, trainer.mesh,
-                                                  temperature=0.1)
+  trainer.cl_step = contrastive.make_cl_step(trainer.decoder_state, trainer.mesh,
+                                             temperature=0.1)
   saved_before = trainer.checkpointer.latest_step()
   with pytest.raises(loop.NonFiniteLossError, match="cl step 0 of iteration 0: loss is nan"):
     trainer.run()

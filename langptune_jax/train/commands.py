@@ -120,7 +120,7 @@ def evaluate(config, workdir) -> int:
   trainer = build_trainer(config, workdir)
   try:
     restored = trainer.restore()
-    tag = (f"checkpoint_iteration_{trainer.position['iteration']}" if restored
+    tag = (f"checkpoint_iteration_{trainer.position.iteration}" if restored
            else "untrained")
     results = trainer.evaluate(f"evaluate_{tag}", baselines=True)
     path = os.path.join(workdir, f"evaluate_{tag}.json")

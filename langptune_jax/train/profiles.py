@@ -49,6 +49,19 @@ class SamplingSettings:
                int(config.encoder.cache_size) or None)
 
 
+def eos_ids(tokenizer, model) -> tuple[int, ...]:
+  """The ids that end a profile: those of the encoder's config and its tokenizer's EOS."""
+  ids = set()
+  source = getattr(model.config, "eos_ids", None)
+  if source:
+    ids.update(int(i) for i in (source if isinstance(source, (list, tuple)) else [source]))
+  if getattr(tokenizer, "eos_token_id", None) is not None:
+    ids.add(int(tokenizer.eos_token_id))
+  if not ids:
+    raise ValueError("the encoder has no EOS token id (neither its config nor its tokenizer)")
+  return tuple(sorted(ids))
+
+
 def generate(model, prompt_tokens, prompt_mask, settings: SamplingSettings, rng,
              greedy: bool = False) -> sampling.SampleOutput:
   return sampling.sample(

@@ -1,0 +1,279 @@
+"""The training set-up, built once from the config and the two models.
+
+`train`, `plan` and the benchmarks all start here, so what `plan` compiles is
+what `train` runs. From the config and the models it builds
+
+* the trainable filters (LoRA adapters, the top blocks, or everything),
+* the LoRA adapters themselves (added in place when ``encoder.training=lora``),
+* the frozen reference policy of the RL objective,
+* both train states (module + AdamW, sharded on the mesh), and
+* every jitted step: sample, policy/reference log-probs, the RLSO update, the
+  CL update, the embedding of a text batch and the rewards of a rollout.
+
+:func:`build` takes loaded models and places real arrays; :func:`build_abstract`
+takes model constructors and builds the same set-up from shapes alone
+(``ShapeDtypeStruct`` leaves that carry their shardings), which is what the
+memory plan compiles from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+from flax import nnx
+
+from langptune_jax import parallel
+from langptune_jax.models import embedder as embedder_lib
+from langptune_jax.models import finetune
+from langptune_jax.models import lora as lora_lib
+from langptune_jax.rec import metrics as metrics_lib
+from langptune_jax.rec import retrieval
+from langptune_jax.train import contrastive, rlso
+from langptune_jax.train import profiles as profiles_lib
+from langptune_jax.train import state as state_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class TopLayersFilter:
+  """NNX filter: parameters of blocks >= first_layer (the decoder's partial training)."""
+
+  first_layer: int
+
+  def __call__(self, path: tuple, variable: Any) -> bool:
+    if not isinstance(variable, nnx.Param):
+      return False
+    for i, key in enumerate(path[:-1]):
+      if key == "layers":
+        return int(path[i + 1]) >= self.first_layer
+    return False
+
+
+def decoder_trainable_filter(embedder: embedder_lib.Embedder, num_layers_unfrozen: int):
+  """All parameters (``num_layers_unfrozen < 0``) or those of the top blocks."""
+  if num_layers_unfrozen < 0:
+    return nnx.Param
+  total = embedder.num_layers()
+  if num_layers_unfrozen > total:
+    raise ValueError(f"decoder.num_layers_unfrozen={num_layers_unfrozen}: the decoder has only "
+                     f"{total} layers")
+  return TopLayersFilter(total - num_layers_unfrozen)
+
+
+def encoder_trainable_filter(encoder: nnx.Module, config):
+  return finetune.model_trainable_filter(encoder, config.encoder.training,
+                                         int(config.encoder.num_layers_unfrozen))
+
+
+def add_adapters(encoder: nnx.Module, config, seed: int) -> nnx.Module:
+  """Adds the LoRA adapters in place when ``encoder.training=lora``; returns the encoder."""
+  if config.encoder.training == "lora":
+    lora_lib.apply_lora(encoder, targets=tuple(config.lora.targets), rank=int(config.lora.rank),
+                        alpha=float(config.lora.alpha), dropout=float(config.lora.dropout),
+                        rngs=nnx.Rngs(seed))
+  return encoder
+
+
+def schedule_lengths(config) -> tuple[int, int]:
+  """Optimizer steps of the whole run: (encoder, decoder).
+
+  Every RLSO update runs ``rl.num_ppo_epochs`` optimizer steps, so the
+  encoder's learning-rate schedule spans all of them.
+  """
+  iterations = int(config.train.num_iterations)
+  rl_total = iterations * int(config.rl.num_lm_updates) * int(config.rl.num_ppo_epochs)
+  cl_total = iterations * int(config.cl.num_emb_updates)
+  return rl_total, cl_total
+
+
+def make_cl_training(decoder: embedder_lib.Embedder, wrt, cl_config, total_steps: int, mesh,
+                     rules=parallel.DEFAULT_RULES):
+  """The decoder's train state (AdamW from `cl_config`) and its jitted InfoNCE step."""
+  train_state = state_lib.TrainState.create(decoder, state_lib.adamw(cl_config, total_steps), wrt,
+                                            mesh, rules)
+  return train_state, make_cl_step(train_state, cl_config, mesh, rules)
+
+
+def make_cl_step(train_state: state_lib.TrainState, cl_config, mesh,
+                 rules=parallel.DEFAULT_RULES):
+  return contrastive.make_cl_step(train_state, mesh, temperature=float(cl_config.temperature),
+                                  micro_batch_size=int(cl_config.micro_batch_size), rules=rules)
+
+
+def sampling_settings(config, eos_ids, pad_id: int) -> profiles_lib.SamplingSettings:
+  return profiles_lib.SamplingSettings.from_config(config, eos_ids, pad_id)
+
+
+# --- the jitted steps ------------------------------------------------------------
+
+def make_embed(train_state: state_lib.TrainState, mesh, rules=parallel.DEFAULT_RULES):
+  """jit ``embed(state, tokens, mask) -> [rows, D]`` of an embedder's train state."""
+  graphdef = train_state.graphdef
+
+  @jax.jit
+  def embed(state, tokens, mask):
+    with parallel.use_mesh(mesh, rules):
+      model, _ = nnx.merge(graphdef, state)
+      return model(tokens, mask)
+
+  return embed
+
+
+def make_sample(train_state: state_lib.TrainState, settings: profiles_lib.SamplingSettings,
+                mesh, rules=parallel.DEFAULT_RULES):
+  """jit ``sample(state, tokens, mask, rng) -> (tokens, response_mask, logprobs)``: a rollout
+  traced as one program (prefill, cache and decode loop together)."""
+  graphdef = train_state.graphdef
+
+  def sample(state, tokens, mask, rng):
+    with parallel.use_mesh(mesh, rules):
+      model, _ = nnx.merge(graphdef, state)
+      out = profiles_lib.generate(model, tokens, mask, settings, rng)
+      return out.tokens, out.response_mask, out.logprobs
+
+  return jax.jit(sample, in_shardings=(train_state.shardings, None, None, None))
+
+
+def make_rewards(rl_config, mesh, rules=parallel.DEFAULT_RULES):
+  """jit ``rewards(profile_emb, item_emb, targets, history, truncated) -> (reward, metrics)``."""
+  reward_type = rl_config.reward_type
+  penalty = float(rl_config.penalty_reward)
+
+  @jax.jit
+  def rewards(profile_emb, item_emb, targets, history, truncated):
+    with parallel.use_mesh(mesh, rules):
+      reward, ranks = retrieval.profile_rewards(
+          profile_emb, item_emb, targets, history, reward_type=reward_type,
+          truncated=truncated, penalty_reward=penalty, return_ranks=True)
+      return reward, metrics_lib.rank_log_metrics(ranks)
+
+  return rewards
+
+
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """Every jitted step of a run; each takes its train state's ``state`` first."""
+
+  sample: Callable  # (encoder state, tokens, mask, rng) -> (tokens, response_mask, logprobs)
+  policy_logprobs: Callable  # (encoder state, reference, batch) -> (logp_old, logp_ref, ...)
+  rlso_pass: Callable  # (encoder state, batch) -> (encoder state, metrics)
+  cl_step: Callable  # (decoder state, batch) -> (decoder state, metrics)
+  embed: Callable  # (decoder state, tokens, mask) -> embeddings
+  rewards: Callable  # (profile_emb, item_emb, targets, history, truncated) -> (reward, metrics)
+
+
+def make_steps(config, encoder_state: state_lib.TrainState, decoder_state: state_lib.TrainState,
+               rl_settings: rlso.RLSOSettings, sampling: profiles_lib.SamplingSettings, mesh,
+               rules=parallel.DEFAULT_RULES) -> Steps:
+  return Steps(
+      sample=make_sample(encoder_state, sampling, mesh, rules),
+      policy_logprobs=rlso.make_policy_logprobs(encoder_state, mesh, rl_settings, rules),
+      rlso_pass=rlso.make_rlso_pass(encoder_state, mesh, rl_settings, rules),
+      cl_step=make_cl_step(decoder_state, config.cl, mesh, rules),
+      embed=make_embed(decoder_state, mesh, rules),
+      rewards=make_rewards(config.rl, mesh, rules))
+
+
+# --- the whole set-up ------------------------------------------------------------
+
+@dataclasses.dataclass
+class TrainingSetup:
+  """Train states, reference policy, settings and jitted steps of one run."""
+
+  encoder_state: state_lib.TrainState
+  decoder_state: state_lib.TrainState
+  reference: finetune.ReferencePolicy
+  rl_settings: rlso.RLSOSettings
+  sampling: profiles_lib.SamplingSettings
+  steps: Steps
+  encoder_trainable: int  # trainable parameter counts (for FLOPs and reports)
+  encoder_total: int
+  decoder_trainable: int
+  decoder_total: int
+  encoder_config: Any  # the models' architecture configs
+  decoder_config: Any
+  mesh: Any
+  rules: Any
+
+
+def _count(model: nnx.Module, wrt) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, wrt)))
+
+
+def _assemble(config, encoder, decoder, encoder_state, decoder_state, reference, sampling,
+              mesh, rules) -> TrainingSetup:
+  rl_settings = rlso.RLSOSettings.from_config(config.rl)
+  return TrainingSetup(
+      encoder_state=encoder_state, decoder_state=decoder_state, reference=reference,
+      rl_settings=rl_settings, sampling=sampling,
+      steps=make_steps(config, encoder_state, decoder_state, rl_settings, sampling, mesh, rules),
+      encoder_trainable=_count(encoder, encoder_state.wrt),
+      encoder_total=_count(encoder, nnx.Param),
+      decoder_trainable=_count(decoder, decoder_state.wrt),
+      decoder_total=_count(decoder, nnx.Param),
+      encoder_config=encoder.config, decoder_config=decoder.model.config, mesh=mesh,
+      rules=rules)
+
+
+def build(config, encoder: nnx.Module, decoder: embedder_lib.Embedder, *, eos_ids, pad_id: int,
+          mesh, rules=parallel.DEFAULT_RULES) -> TrainingSetup:
+  """The set-up of a run on loaded models (LoRA adapters are added to `encoder` in place)."""
+  add_adapters(encoder, config, int(config.seed))
+  mode = config.encoder.training
+  reference = finetune.ReferencePolicy.from_model(
+      encoder, mode, num_layers_unfrozen=int(config.encoder.num_layers_unfrozen))
+  enc_wrt = encoder_trainable_filter(encoder, config)
+  dec_wrt = decoder_trainable_filter(decoder, int(config.decoder.num_layers_unfrozen))
+  rl_total, cl_total = schedule_lengths(config)
+  encoder_state = state_lib.TrainState.create(
+      encoder, state_lib.adamw(config.rl, rl_total), enc_wrt, mesh, rules)
+  decoder_state = state_lib.TrainState.create(
+      decoder, state_lib.adamw(config.cl, cl_total), dec_wrt, mesh, rules)
+  if reference.state is not None:
+    ref_shardings = parallel.state_shardings(reference.state, mesh, rules)
+    reference = reference.replace(state=jax.device_put(reference.state, ref_shardings))
+  return _assemble(config, encoder, decoder, encoder_state, decoder_state, reference,
+                   sampling_settings(config, eos_ids, pad_id), mesh, rules)
+
+
+def with_shardings(state, shardings):
+  """ShapeDtypeStructs carrying their shardings (what ``.lower`` needs)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      state, shardings)
+
+
+def _abstract_state(build_model: Callable[[], nnx.Module], make_wrt: Callable, tx, mesh, rules):
+  """(abstract model, TrainState with ShapeDtypeStruct leaves) from a model constructor."""
+  def build_both():
+    model = build_model()
+    return model, nnx.Optimizer(model, tx, wrt=make_wrt(model))
+
+  model, optimizer = nnx.eval_shape(build_both)
+  graphdef, state = nnx.split((model, optimizer))
+  shardings = parallel.state_shardings(state, mesh, rules)
+  return model, state_lib.TrainState(graphdef, with_shardings(state, shardings), shardings,
+                                     make_wrt(model))
+
+
+def build_abstract(config, make_encoder: Callable[[], nnx.Module],
+                   make_decoder: Callable[[], embedder_lib.Embedder], *, eos_ids, pad_id: int,
+                   mesh, rules=parallel.DEFAULT_RULES) -> TrainingSetup:
+  """:func:`build` from shapes alone: no weights are loaded or allocated."""
+  rl_total, cl_total = schedule_lengths(config)
+  encoder, encoder_state = _abstract_state(
+      lambda: add_adapters(make_encoder(), config, int(config.seed)),
+      lambda m: encoder_trainable_filter(m, config), state_lib.adamw(config.rl, rl_total),
+      mesh, rules)
+  decoder, decoder_state = _abstract_state(
+      make_decoder, lambda m: decoder_trainable_filter(m, int(config.decoder.num_layers_unfrozen)),
+      state_lib.adamw(config.cl, cl_total), mesh, rules)
+  mode = config.encoder.training
+  state = None
+  if mode != "lora":  # the frozen copy of the trainable part
+    state = nnx.state(encoder, encoder_state.wrt)
+    state = with_shardings(state, parallel.state_shardings(state, mesh, rules))
+  reference = finetune.ReferencePolicy(mode=mode, wrt=encoder_state.wrt, state=state)
+  return _assemble(config, encoder, decoder, encoder_state, decoder_state, reference,
+                   sampling_settings(config, eos_ids, pad_id), mesh, rules)
