@@ -19,13 +19,9 @@ of all ``--layers`` layers chained through the queries (so none is skipped):
 from __future__ import annotations
 
 import argparse
-import pathlib
-import sys
 
-from decode_floor import best_of  # bench/ (this script's directory)
-from sampling import write_results
+import common  # bench/common.py (this script's directory)
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 PAD = 40  # left padding of every row: those queries see no key
 
@@ -36,7 +32,7 @@ def measure(batch: int, length: int, layers: int, reps: int) -> dict[str, dict[s
   import numpy as np
   import torch
 
-  sys.path.insert(0, str(ROOT))
+  common.use_project()
   from langptune_jax.models import attention  # pylint: disable=g-import-not-at-top
 
   groups, scale = HEADS // KV_HEADS, HEAD_DIM ** -0.5
@@ -71,8 +67,8 @@ def measure(batch: int, length: int, layers: int, reps: int) -> dict[str, dict[s
       return jnp.sum(q ** 2)
     forward = jax.jit(loss)
     backward = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-    out[name] = {"forward": best_of(lambda f=forward: f(*args).block_until_ready(), reps),
-                 "forward+backward": best_of(
+    out[name] = {"forward": common.best_of(lambda f=forward: f(*args).block_until_ready(), reps),
+                 "forward+backward": common.best_of(
                      lambda b=backward: jax.block_until_ready(b(*args)), reps)}
 
   tq = torch.from_numpy(q.reshape(batch, KV_HEADS * groups, length, HEAD_DIM)).requires_grad_()
@@ -90,8 +86,8 @@ def measure(batch: int, length: int, layers: int, reps: int) -> dict[str, dict[s
     with torch.no_grad():
       torch_loss()
 
-  out["torch SDPA"] = {"forward": best_of(torch_forward, reps),
-                       "forward+backward": best_of(lambda: torch_loss().backward(), reps)}
+  out["torch SDPA"] = {"forward": common.best_of(torch_forward, reps),
+                       "forward+backward": common.best_of(lambda: torch_loss().backward(), reps)}
   return out
 
 
@@ -118,7 +114,7 @@ def main(argv=None):
   parser.add_argument("--length", type=int, default=256)
   parser.add_argument("--layers", type=int, default=30)
   parser.add_argument("--reps", type=int, default=3)
-  parser.add_argument("--out", default=str(ROOT / "bench/results/attention.md"))
+  parser.add_argument("--out", default=str(common.ROOT / "bench/results/attention.md"))
   args = parser.parse_args(argv)
   for name in ("batch", "length", "layers", "reps"):
     if getattr(args, name) < 1:
@@ -128,7 +124,7 @@ def main(argv=None):
   results = measure(args.batch, args.length, args.layers, args.reps)
   text = table(results, args)
   print(text)
-  write_results(args.out, text, results)
+  common.write_results(args.out, text, results)
 
 
 if __name__ == "__main__":

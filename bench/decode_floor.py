@@ -19,12 +19,9 @@ with the same kernels and dtype.
 from __future__ import annotations
 
 import argparse
-import pathlib
-import time
 
-from sampling import write_results  # bench/sampling.py (this script's directory)
+import common  # bench/common.py (this script's directory)
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYERS, EMBED, MLP, HEADS, KV_HEADS, HEAD_DIM, VOCAB = 30, 576, 1536, 9, 3, 64, 49152
 
 
@@ -33,17 +30,6 @@ def _shapes():
   q, kv = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
   return [(EMBED, q), (EMBED, kv), (EMBED, kv), (q, EMBED), (EMBED, MLP), (EMBED, MLP),
           (MLP, EMBED)]
-
-
-def best_of(fn, reps: int) -> float:
-  """Seconds of the fastest of `reps` calls, after one untimed warm-up call."""
-  fn()  # warm-up (and compilation on the JAX side)
-  best = float("inf")
-  for _ in range(reps):
-    start = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - start)
-  return best
 
 
 def _weights(rng):
@@ -88,10 +74,10 @@ def measure(batches, reps: int) -> list[dict]:
     with torch.no_grad():
       row = {
           "batch": batch,
-          "jax_layers": best_of(lambda: jax_layers(jx, jw).block_until_ready(), reps),
-          "jax_head": best_of(lambda: jax_head(jx, jhead).block_until_ready(), reps),
-          "torch_layers": best_of(lambda: torch_layers(tx), reps),
-          "torch_head": best_of(lambda: torch.nn.functional.linear(tx, thead), reps),
+          "jax_layers": common.best_of(lambda: jax_layers(jx, jw).block_until_ready(), reps),
+          "jax_head": common.best_of(lambda: jax_head(jx, jhead).block_until_ready(), reps),
+          "torch_layers": common.best_of(lambda: torch_layers(tx), reps),
+          "torch_head": common.best_of(lambda: torch.nn.functional.linear(tx, thead), reps),
       }
     rows.append(row)
   return rows
@@ -123,12 +109,12 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batches", default="8,32")
   parser.add_argument("--reps", type=int, default=5)
-  parser.add_argument("--out", default=str(ROOT / "bench/results/decode_floor.md"))
+  parser.add_argument("--out", default=str(common.ROOT / "bench/results/decode_floor.md"))
   args = parser.parse_args(argv)
   rows = measure([int(b) for b in args.batches.split(",")], args.reps)
   text = table(rows)
   print(text)
-  write_results(args.out, text)
+  common.write_results(args.out, text)
 
 
 if __name__ == "__main__":

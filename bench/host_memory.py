@@ -24,17 +24,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import pathlib
 import resource
 import statistics
-import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-SETTINGS = ("system", "reuse")
+import common  # bench/common.py (this script's directory)
 
-sys.path.insert(0, str(ROOT / "bench"))
-import sampling as _sb  # noqa: E402  bench/sampling.py: the LoRA step, run_worker, write_results
+ROOT = common.ROOT
+SETTINGS = ("system", "reuse")
 
 
 def _minor_faults() -> int:
@@ -47,15 +44,15 @@ def worker(args) -> dict:
 
   from langptune_jax.weights import hf
   model, config = hf.load_decoder(args.model, dtype="float32", param_dtype="float32")
-  prompts = _sb._prompts(args.batch, args.prompt_len, config.vocab_size).astype(np.int32)
+  prompts = common.random_prompts(args.batch, args.prompt_len, config.vocab_size).astype(np.int32)
 
   def generate(new_tokens: int) -> float:
-    return _sb._timed(lambda: _sb.greedy_sample(model, config, prompts, new_tokens), 1)[0]
+    return common.timed(lambda: common.greedy_sample(model, config, prompts, new_tokens), 1)[0]
 
   generate(1), generate(args.new_tokens)  # compile both shapes
   one, full = generate(1), generate(args.new_tokens)
 
-  step, _ = _sb._jax_lora_step(args)
+  step, _ = common.jax_lora_step(args)
   step()  # compile
   times, faults = [], []
   for _ in range(args.train_reps):
@@ -68,11 +65,11 @@ def worker(args) -> dict:
           "tokens_per_s": args.batch * args.new_tokens / full,
           "step_times": times, "step_s": statistics.median(times),
           "faults_per_step": statistics.median(faults),
-          "peak_rss_mib": _sb._peak_rss_mib()}
+          "peak_rss_mib": common.peak_rss_mib()}
 
 
 def _run(setting: str, argv: list[str]) -> dict:
-  result = _sb._run_worker(setting, argv, script=__file__, env={"LANGPTUNE_MALLOC": setting})
+  result = common.run_worker_process(setting, argv, script=__file__, env={"LANGPTUNE_MALLOC": setting})
   return {**result, "setting": setting}
 
 
@@ -124,7 +121,7 @@ def main(argv=None):
   parser.add_argument("--worker", choices=SETTINGS, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   if not args.model:
-    sys.path.insert(0, str(ROOT))
+    common.use_project()
     from langptune_jax import assets
     args.model = str(assets.asset_path("smollm2"))
   if args.quick:
@@ -132,7 +129,7 @@ def main(argv=None):
   # Fields the shared LoRA step reads.
   args.train_batch, args.train_micro_batches, args.device = args.batch, 1, "cpu"
   if args.worker:
-    _sb.run_worker(worker, args)
+    common.run_worker(worker, args)
     return
   passthrough = [f"--model={args.model}", f"--batch={args.batch}",
                  f"--prompt_len={args.prompt_len}", f"--new_tokens={args.new_tokens}",
@@ -143,7 +140,7 @@ def main(argv=None):
     runs += [_run(setting, passthrough) for setting in order]
   table = _table(args, runs)
   print(table)
-  _sb.write_results(args.out, table, {"runs": runs})
+  common.write_results(args.out, table, {"runs": runs})
 
 
 if __name__ == "__main__":

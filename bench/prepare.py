@@ -22,9 +22,10 @@ import subprocess
 import sys
 import time
 
+import common  # bench/common.py (this script's directory)
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = common.ROOT
 CORE_REVIEWS = 150_000  # reviews by the active community (k-core survivors)
 CORE_ITEMS = 3_000
 WORDS = ("great movie story acting plot film watch loved boring classic season show "
@@ -82,7 +83,7 @@ def child(reviews: str, meta: str, out: str) -> None:
   """One measured run (inside the subprocess); prints a JSON result line."""
   import resource
 
-  sys.path.insert(0, str(ROOT))
+  common.use_project()
   from langptune_jax import assets
   from langptune_jax import config as config_lib
   from langptune_jax.data import prepare

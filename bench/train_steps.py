@@ -46,21 +46,14 @@ import subprocess
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+import common  # bench/common.py (this script's directory)
+
+ROOT = common.ROOT
 KL_COEF, LR_RL, LR_CL, CL_TEMPERATURE, ADAM_EPS = 0.05, 1e-5, 2e-5, 0.1, 1e-6
 HISTORY_LEN = 4
 
 
-def _load_sampling_bench():
-  """bench/sampling.py as a module (bench/ is not a package): its probes and helpers."""
-  spec = importlib.util.spec_from_file_location("bench_sampling", ROOT / "bench" / "sampling.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-_sb = _load_sampling_bench()
-LORA_TARGETS = _sb.LORA_TARGETS
+LORA_TARGETS = common.LORA_TARGETS
 
 
 # --- the shared workload (both workers build it the same way) ---------------
@@ -95,7 +88,7 @@ def _workload(args, vocab: int | None = None) -> dict:
   profiles = ["The user enjoys movies such as " + " ".join(items[i] for i in h) for h in history]
   out = {"targets": targets, "history": history, "item_texts": items, "cl_profiles": profiles}
   if vocab is not None:
-    out["prompts"] = _sb._prompts(args.prompts, args.prompt_len, vocab, seed=0).astype(np.int32)
+    out["prompts"] = common.random_prompts(args.prompts, args.prompt_len, vocab, seed=0).astype(np.int32)
   return out
 
 
@@ -182,7 +175,7 @@ def worker_jax(args) -> dict:
   # Catalogue: embedded once (first call compiles; the second is the timing).
   embed = lambda: trainer.embed_texts(item_tokens, item_mask, "items")  # noqa: E731
   embed()  # compiles
-  out["catalogue_s"] = _sb._timed(embed, 1)[0]
+  out["catalogue_s"] = common.timed(embed, 1)[0]
   item_emb = parallel.put(embed(), mesh, ("items", None), trainer.rules)
 
   calls, rl_metrics = iter(range(10_000)), []
@@ -192,8 +185,8 @@ def worker_jax(args) -> dict:
     rl_metrics.append(trainer.rlso_update(users, item_emb, jax.random.key(i),
                                           np.random.default_rng(i)))
 
-  first = _sb._timed(rlso, 1)[0]
-  times = _sb._timed(rlso, args.reps)
+  first = common.timed(rlso, 1)[0]
+  times = common.timed(rlso, args.reps)
   out["rlso"] = {"times": times, "seconds": statistics.median(times),
                  "compile_s": max(first - statistics.median(times), 0.0),
                  "reward": rl_metrics[-1]["reward"], "loss": rl_metrics[-1]["loss"]}
@@ -208,11 +201,11 @@ def worker_jax(args) -> dict:
       jax.block_until_ready(res.tokens)
       assert int(np.asarray(res.response_mask).sum()) == rows.shape[0] * args.new_tokens
 
-    out["rollout_s"] = statistics.median(_sb._timed(rollout, args.reps))
+    out["rollout_s"] = statistics.median(common.timed(rollout, args.reps))
 
   out["rlso"]["flops"] = _rlso_flops(enc_config, args)
-  out["matmul_flops"] = _sb._jax_matmul_flops(args.matmul_n)
-  out["peak_rss_mib"] = _sb._peak_rss_mib()
+  out["matmul_flops"] = common.jax_matmul_flops(args.matmul_n)
+  out["peak_rss_mib"] = common.peak_rss_mib()
   out["versions"] = {"jax": jax.__version__, "flax": importlib.import_module("flax").__version__}
   return out
 
@@ -237,7 +230,7 @@ def worker_torch(args) -> dict:
   lm.eval()  # no dropout in SmolLM2; eval() only silences train-mode checks
   for param in lm.parameters():
     param.requires_grad_(False)
-  lora_switch = _sb._torch_lora(lm, args.lora_rank, 2.0 * args.lora_rank)
+  lora_switch = common.torch_lora(lm, args.lora_rank, 2.0 * args.lora_rank)
   lora_params = [p for p in lm.parameters() if p.requires_grad]
   lm_opt = torch.optim.AdamW(lora_params, lr=LR_RL, eps=ADAM_EPS, weight_decay=0.0)
   minilm = assets.asset_path("minilm")
@@ -259,7 +252,7 @@ def worker_torch(args) -> dict:
                         for i in range(0, args.items, 64)])
 
   embed_catalogue()
-  out["catalogue_s"] = _sb._timed(embed_catalogue, 1)[0]
+  out["catalogue_s"] = common.timed(embed_catalogue, 1)[0]
   item_emb = embed_catalogue()
 
   g, p, n = args.group, args.prompt_len, args.new_tokens
@@ -280,7 +273,7 @@ def worker_torch(args) -> dict:
 
   def score(seqs, *flags):
     """Sequence log-probs, micro-batch by micro-batch as ours scores them."""
-    return torch.cat([_sb.torch_sequence_logprobs(lm, chunk, p, *flags)[0]
+    return torch.cat([common.torch_sequence_logprobs(lm, chunk, p, *flags)[0]
                       for chunk in seqs.split(per_micro)])
 
   def rlso_update(new_tokens=n, passes=args.passes):
@@ -310,7 +303,7 @@ def worker_torch(args) -> dict:
       lm_opt.zero_grad(set_to_none=True)
       pass_loss = 0.0
       for micro in index.split(per_micro):  # gradient accumulation, as ours does
-        logp_new, _ = _sb.torch_sequence_logprobs(lm, seqs[micro], p, True)
+        logp_new, _ = common.torch_sequence_logprobs(lm, seqs[micro], p, True)
         d = ((logp_new - logp_old[micro]) - total[micro]).reshape(-1, g)
         loss = torch.square(d[:, pair_j] - d[:, pair_k]).mean() / num_micro
         loss.backward()
@@ -322,13 +315,13 @@ def worker_torch(args) -> dict:
   # Warm-up on the same code path with a short rollout and one pass (torch has no compile).
   rlso_update(new_tokens=2, passes=1)
   rl_metrics = []
-  times = _sb._timed(lambda: rl_metrics.append(rlso_update()), args.reps)
+  times = common.timed(lambda: rl_metrics.append(rlso_update()), args.reps)
   out["rlso"] = {"times": times, "seconds": statistics.median(times),
                  "reward": rl_metrics[-1]["reward"], "loss": rl_metrics[-1]["loss"]}
-  out["rollout_s"] = statistics.median(_sb._timed(lambda: rollout(n), args.reps))
+  out["rollout_s"] = statistics.median(common.timed(lambda: rollout(n), args.reps))
 
-  out["matmul_flops"] = _sb._torch_matmul_flops(args.matmul_n)
-  out["peak_rss_mib"] = _sb._peak_rss_mib()
+  out["matmul_flops"] = common.torch_matmul_flops(args.matmul_n)
+  out["peak_rss_mib"] = common.peak_rss_mib()
   out["threads"] = torch.get_num_threads()
   out["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__}
   return out
@@ -361,7 +354,7 @@ def worker_cl(args) -> dict:
 
   from langptune_jax import assets, parallel
   from langptune_jax.models import embedder as embedder_lib
-  from langptune_jax.train import loop
+  from langptune_jax.train import setup as setup_lib
   from langptune_jax.weights import tokenizer as tok_lib
 
   if args.torch_threads:
@@ -377,11 +370,11 @@ def worker_cl(args) -> dict:
   ids = w["targets"]
   item_texts = [w["item_texts"][i] for i in ids]
 
-  # Ours: the decoder's train state and CL step, built as Trainer builds them.
+  # Ours: the decoder's train state and CL step, built by the training set-up.
   decoder = embedder_lib.load_embedder("bert", minilm, pooling="mean")
-  wrt = loop.decoder_trainable_filter(decoder, int(cfg.decoder.num_layers_unfrozen))
-  total_steps = int(cfg.train.num_iterations) * int(cfg.cl.num_emb_updates)
-  train_state, cl_step = loop.make_cl_training(decoder, wrt, cfg.cl, total_steps, mesh, rules)
+  wrt = setup_lib.decoder_trainable_filter(decoder, int(cfg.decoder.num_layers_unfrozen))
+  train_state, cl_step = setup_lib.make_cl_training(decoder, wrt, cfg.cl,
+                                                    setup_lib.schedule_lengths(cfg)[1], mesh, rules)
   dec_tok = tok_lib.load_tokenizer(minilm)
   ptok, pmask = embedder_lib.tokenize_texts(dec_tok, w["cl_profiles"], args.profile_len)
   itok, imask = embedder_lib.tokenize_texts(dec_tok, item_texts, args.item_len)
@@ -414,16 +407,16 @@ def worker_cl(args) -> dict:
     bert_opt.step()
     torch_losses.append(loss.detach().item())
 
-  first, ours_times, torch_times = _sb.alternate(ours, theirs, args.cl_reps)
+  first, ours_times, torch_times = common.alternate(ours, theirs, args.cl_reps)
   seconds = statistics.median(ours_times)
   flops = _cl_flops(_bert_config(minilm), args)
   return {"ours": {"times": ours_times, "seconds": seconds, "losses": ours_losses,
                    "compile_s": max(first - seconds, 0.0), "flops": flops},
           "torch": {"times": torch_times, "seconds": statistics.median(torch_times),
                     "losses": torch_losses},
-          "matmul_flops": {"jax": _sb._jax_matmul_flops(args.matmul_n),
-                           "torch": _sb._torch_matmul_flops(args.matmul_n)},
-          "peak_rss_mib": _sb._peak_rss_mib()}
+          "matmul_flops": {"jax": common.jax_matmul_flops(args.matmul_n),
+                           "torch": common.torch_matmul_flops(args.matmul_n)},
+          "peak_rss_mib": common.peak_rss_mib()}
 
 
 WORKERS = {"jax": worker_jax, "torch": worker_torch, "cl": worker_cl}
@@ -588,9 +581,9 @@ def main(argv=None):
     raise SystemExit(f"--group={args.group}: REBEL needs at least 2 samples per prompt")
   if args.items < args.prompts + HISTORY_LEN:
     raise SystemExit(f"--items={args.items}: need at least --prompts + {HISTORY_LEN}")
-  sys.path.insert(0, str(ROOT))
+  common.use_project()
   if args.worker:
-    _sb.run_worker(WORKERS[args.worker], args)
+    common.run_worker(WORKERS[args.worker], args)
     return
   passthrough = [f"--{k}={getattr(args, k)}" for k in (
       "prompts", "group", "prompt_len", "new_tokens", "passes", "micro_batch", "lora_rank",
@@ -600,7 +593,7 @@ def main(argv=None):
   command = " ".join([".venv/bin/python bench/train_steps.py"] + sys.argv[1:])
   table = _table(args, results, loadavg, command)
   print(table)
-  _sb.write_results(args.out, table, results)
+  common.write_results(args.out, table, results)
 
 
 if __name__ == "__main__":
