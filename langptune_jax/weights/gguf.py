@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from langptune_jax import parallel
 from langptune_jax.models.transformer import Decoder, DecoderConfig
-from langptune_jax.weights import hf as hf_weights
+from langptune_jax.weights.placement import build_module
 
 # general.architecture -> our family.
 ARCHITECTURES = {"llama": "llama", "gemma": "gemma", "gemma2": "gemma2", "gemma3": "gemma3"}
@@ -178,7 +178,7 @@ def load_decoder_gguf(path: str | os.PathLike, *, dtype="float32", param_dtype="
   shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
   config = config_from_gguf(meta, shapes, source=str(path), dtype=dtype, param_dtype=param_dtype,
                             **overrides)
-  model = hf_weights.build_module(lambda: Decoder(config, rngs=nnx.Rngs(0)),
+  model = build_module(lambda: Decoder(config, rngs=nnx.Rngs(0)),
                                   _tensors(reader, config, str(path)), source=str(path),
                                   param_dtype=jnp.dtype(param_dtype), mesh=mesh, rules=rules)
   return model, config

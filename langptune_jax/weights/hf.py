@@ -1,7 +1,7 @@
 """Reads local Hugging Face model directories (config.json + safetensors).
 
 Generic helpers (:func:`read_config`, :func:`iter_tensors`, :func:`load_state`,
-:func:`build_module`) serve every model family; :func:`load_decoder` builds a
+:func:`~langptune_jax.weights.placement.build_module`) serve every model family; :func:`load_decoder` builds a
 Llama/Gemma :class:`~langptune_jax.models.transformer.Decoder`. Tensors are
 read one at a time from memory-mapped safetensors files (bfloat16 included)
 and, given a mesh, put straight into their final sharding, so no full copy of
@@ -14,9 +14,8 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -26,6 +25,7 @@ from jax.sharding import Mesh
 from langptune_jax import parallel
 from langptune_jax.models import gemma, llama
 from langptune_jax.models.transformer import Decoder, DecoderConfig
+from langptune_jax.weights.placement import build_module
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -103,48 +103,6 @@ def iter_tensors(path: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
 def load_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """All tensors of a directory in one dict (small models and tests)."""
   return dict(iter_tensors(path))
-
-
-# --- building modules from named tensors ------------------------------------
-
-def build_module(make: Callable[[], nnx.Module], tensors: Iterable[tuple[str, np.ndarray]], *,
-                 source: str, param_dtype=None, mesh: Mesh | None = None,
-                 rules: Sequence[tuple[str, Any]] = parallel.DEFAULT_RULES) -> nnx.Module:
-  """Creates ``make()`` without allocating it, then fills it from `tensors`.
-
-  `tensors` yields (our parameter path like 'layers/0/attn/q_proj/kernel', array
-  already in our layout). Every parameter must be provided exactly once; with
-  a mesh each array goes straight into its sharding.
-  """
-  abstract = nnx.eval_shape(make)
-  graphdef, state = nnx.split(abstract)
-  shardings = parallel.state_shardings(state, mesh, rules) if mesh is not None else None
-  variables = {"/".join(map(str, p)): v for p, v in nnx.to_flat_state(state)}
-  targets = ({"/".join(map(str, p)): v for p, v in nnx.to_flat_state(shardings)}
-             if shardings is not None else {})
-  filled: set[str] = set()
-  for key, array in tensors:
-    var = variables.get(key)
-    if var is None:
-      raise ValueError(f"{source}: tensor for {key!r} has no matching parameter")
-    expected = var.get_value()
-    if tuple(np.shape(array)) != tuple(expected.shape):
-      raise ValueError(f"{source}: tensor for {key} has shape {tuple(np.shape(array))}, "
-                       f"expected {tuple(expected.shape)}")
-    dtype = param_dtype or expected.dtype
-    host = np.asarray(array).astype(dtype)
-    if mesh is not None:
-      sharding = targets[key].get_value()
-      value = jax.make_array_from_callback(host.shape, sharding, lambda idx, h=host: h[idx])
-    else:
-      value = jnp.asarray(host)
-    var.set_value(value)
-    filled.add(key)
-  missing = sorted(set(variables) - filled)
-  if missing:
-    raise ValueError(f"{source}: no tensor for parameter {missing[0]}"
-                     + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-  return nnx.merge(graphdef, state)
 
 
 # --- decoders ----------------------------------------------------------------
