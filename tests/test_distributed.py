@@ -40,8 +40,7 @@ def _iteration(mesh, local_rows):
   from flax import nnx
 
   from langptune_jax import parallel
-  from langptune_jax import plan as plan_lib
-  from langptune_jax.models import bert, embedder, presets, transformer
+  from langptune_jax.models import bert, embedder, lora, presets, transformer
   from langptune_jax.train import contrastive, rlso
   from langptune_jax.train import state as state_lib
 
@@ -70,7 +69,7 @@ def _iteration(mesh, local_rows):
   # RLSO: tiny LoRA decoder; rollout tokens are given (sampling has its own tests).
   dcfg = presets.decoder_config("tiny-llama", num_layers=1)
   model = transformer.Decoder(dcfg, rngs=nnx.Rngs(1))
-  plan_lib.add_lora(model, ("q", "v", "down"), rank=4, alpha=8.0, rngs=nnx.Rngs(2))
+  lora.apply_lora(model, targets=("q", "v", "down"), rank=4, alpha=8.0, rngs=nnx.Rngs(2))
   rl_state = state_lib.TrainState.create(model, state_lib.adamw(opt, 10), nnx.LoRAParam, mesh)
   settings = rlso.RLSOSettings.from_config(types.SimpleNamespace(
       num_generations=GROUP, eta=1.0, kl_coef=0.1, whiten_rewards=True, temperature=1.0,
