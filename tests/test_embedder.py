@@ -10,6 +10,7 @@ from flax import nnx
 from langptune_jax import parallel
 from langptune_jax.models import bert
 from langptune_jax.models import embedder as emb
+from langptune_jax.rec import retrieval
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -162,22 +163,25 @@ def test_embedder_module_and_errors():
     emb.load_embedder("bert", "/nowhere", pooling="first")
 
 
-def test_embed_in_batches_matches_direct_on_mesh():
+def test_embed_catalogue_matches_direct_on_mesh():
   e = emb.Embedder(_tiny_bert(seed=3), family="bert", pooling="mean", normalize=True)
   rng = np.random.default_rng(3)
   lengths = rng.integers(1, 11, size=11)
   mask = _right_padded(lengths, 10)
   ids = (rng.integers(1, 128, size=(11, 10)) * mask).astype(np.int32)
   want = np.asarray(e(jnp.asarray(ids), jnp.asarray(mask)))
-  got = emb.embed_in_batches(e, ids, mask, batch_size=4)
+  embed = nnx.jit(lambda model, t, m: model(t, m))
+  got = retrieval.embed_catalogue(lambda t, m: embed(e, t, m), ids, mask, 4)
   assert got.shape == (11, 32) and got.dtype == np.float32
   np.testing.assert_allclose(got, want, atol=1e-5)
   mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=2, tensor=4)))
   sharded = parallel.shard_module(nnx.clone(e), mesh)
-  got = emb.embed_in_batches(sharded, ids, mask, batch_size=3, mesh=mesh)  # rounded up to 4
+  with parallel.use_mesh(mesh):
+    got = retrieval.embed_catalogue(lambda t, m: embed(sharded, t, m), ids, mask, 3,
+                                    mesh=mesh)  # rounded up to 4
   np.testing.assert_allclose(got, want, atol=1e-5)
-  with pytest.raises(ValueError, match="embed_batch_size=0"):
-    emb.embed_in_batches(e, ids, mask, batch_size=0)
+  with pytest.raises(ValueError, match="batch_size=0"):
+    retrieval.embed_catalogue(lambda t, m: embed(e, t, m), ids, mask, 0)
 
 
 def _torch_mean_pooled(model, enc):

@@ -13,7 +13,6 @@ window, which the reward treats as over-length (design §2, Reward).
 
 from __future__ import annotations
 
-import math
 import pathlib
 from typing import Any, Sequence
 
@@ -225,52 +224,3 @@ def is_truncated(mask) -> np.ndarray | jax.Array:
   if isinstance(mask, jax.Array):
     return mask[:, -1].astype(bool)
   return np.asarray(mask)[:, -1].astype(bool)
-
-
-# --- embedding many texts --------------------------------------------------------
-
-@nnx.jit
-def _embed_step(embedder: Embedder, tokens: jax.Array, mask: jax.Array) -> jax.Array:
-  return embedder(tokens, mask)
-
-
-def embed_in_batches(embedder: Embedder, ids: np.ndarray, mask: np.ndarray, batch_size: int,
-                     mesh: Mesh | None = None, rules=parallel.DEFAULT_RULES,
-                     desc: str = "embedding") -> np.ndarray:
-  """Embeds N tokenized texts in fixed-size batches; returns float32 numpy [N, D].
-
-  The last batch is padded to `batch_size` (one compiled program for all
-  batches). With a mesh, batches are sharded over the data-parallel axes, so
-  `batch_size` is rounded up to a multiple of their size.
-  """
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  ids, mask = np.asarray(ids), np.asarray(mask)
-  if ids.shape != mask.shape or ids.ndim != 2:
-    raise ValueError(f"embed_in_batches: ids {ids.shape} and mask {mask.shape} must be equal "
-                     "[N, T] shapes")
-  if batch_size < 1:
-    raise ValueError(f"decoder.embed_batch_size={batch_size}: must be >= 1")
-  if mesh is not None:
-    dp = parallel.data_parallel_size(mesh, rules)
-    batch_size = math.ceil(batch_size / dp) * dp
-  n = ids.shape[0]
-
-  outputs = []
-  with parallel.use_mesh(mesh, rules):
-    for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", leave=False):
-      chunk_ids, chunk_mask = ids[start:start + batch_size], mask[start:start + batch_size]
-      rows = chunk_ids.shape[0]
-      if rows < batch_size:  # pad rows are a single token each, dropped afterwards
-        extra = batch_size - rows
-        chunk_ids = np.concatenate([chunk_ids, np.zeros((extra, ids.shape[1]), ids.dtype)])
-        chunk_mask = np.concatenate([chunk_mask, np.zeros((extra, ids.shape[1]), mask.dtype)])
-        chunk_mask[rows:, 0] = 1
-      if mesh is not None:
-        # Every process holds the whole array: place it, don't concatenate per-process rows.
-        chunk_ids = parallel.put(chunk_ids, mesh, ("batch", None), rules)
-        chunk_mask = parallel.put(chunk_mask, mesh, ("batch", None), rules)
-      out = _embed_step(embedder, jnp.asarray(chunk_ids), jnp.asarray(chunk_mask))
-      outputs.append(np.asarray(jax.device_get(out))[:rows])
-  if not outputs:
-    raise ValueError("embed_in_batches: no texts to embed")
-  return np.concatenate(outputs, axis=0).astype(np.float32)
