@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import pathlib
+from typing import Any
 
-from langptune_jax.models import bert
+from langptune_jax.models import bert, gemma, llama
 from langptune_jax.models.transformer import DecoderConfig
 
 _GEMMA3_270M_LAYERS = tuple("global" if (i + 1) % 6 == 0 else "local" for i in range(18))
@@ -103,8 +104,7 @@ def decoder_config(preset: str = "", path: str = "", *, section: str = "encoder"
     return _replace(DECODERS[key], overrides)
   hf = _hf_config(path)
   if hf is not None:
-    from langptune_jax.weights import hf as hf_weights  # pylint: disable=g-import-not-at-top
-    return hf_weights.decoder_config_from_hf(hf, source=f"{path}/config.json", **overrides)
+    return decoder_config_from_hf(hf, source=f"{path}/config.json", **overrides)
   key = _from_path(path, DECODERS) if path else None
   if key is None:
     raise ValueError(f"{section}.preset is empty and {section}.path={path!r} has no config.json "
@@ -131,3 +131,16 @@ def bert_config(preset: str = "", path: str = "", *, section: str = "decoder",
                      f"nor a known model name: set --config.{section}.preset to one of "
                      f"{', '.join(ENCODERS)}")
   return dataclasses.replace(ENCODERS[key], **overrides)
+
+
+def decoder_config_from_hf(hf: dict[str, Any], *, source: str = "config.json",
+                           **overrides) -> DecoderConfig:
+  """DecoderConfig for any supported family, by ``model_type``."""
+  model_type = hf.get("model_type")
+  if model_type in llama.MODEL_TYPES:
+    return llama.config_from_hf(hf, **overrides)
+  if model_type in gemma.MODEL_TYPES:
+    return gemma.config_from_hf(hf, **overrides)
+  raise ValueError(f"{source}: unsupported model_type={model_type!r} "
+                   f"(architectures={hf.get('architectures')}); supported: "
+                   f"{tuple(llama.MODEL_TYPES) + tuple(gemma.MODEL_TYPES)}")

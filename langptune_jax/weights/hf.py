@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 
 from langptune_jax import parallel
 from langptune_jax.models import gemma, llama
+from langptune_jax.models.presets import decoder_config_from_hf  # noqa: F401  (public here too)
 from langptune_jax.models.transformer import Decoder, DecoderConfig
 from langptune_jax.weights.placement import build_module
 
@@ -109,19 +110,6 @@ def load_state(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 # Tensors HF checkpoints may carry that are not parameters of ours.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def decoder_config_from_hf(hf: dict[str, Any], *, source: str = CONFIG_FILE,
-                           **overrides) -> DecoderConfig:
-  """DecoderConfig for any supported family, by ``model_type``."""
-  model_type = hf.get("model_type")
-  if model_type in llama.MODEL_TYPES:
-    return llama.config_from_hf(hf, **overrides)
-  if model_type in gemma.MODEL_TYPES:
-    return gemma.config_from_hf(hf, **overrides)
-  raise ValueError(f"{source}: unsupported model_type={model_type!r} "
-                   f"(architectures={hf.get('architectures')}); supported: "
-                   f"{tuple(llama.MODEL_TYPES) + tuple(gemma.MODEL_TYPES)}")
 
 
 def hf_names(config: DecoderConfig) -> dict[str, tuple[str, bool]]:
