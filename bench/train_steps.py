@@ -17,7 +17,8 @@ The workload is identical on both sides (float32, CPU):
 * CL step = InfoNCE over ``--prompts`` (profile text, target item text) pairs
   through MiniLM (every weight trains), forward + backward + AdamW.
 
-Ours is :class:`langptune_jax.train.loop.Trainer` (``rlso_update``, ``cl_step``);
+Ours is :class:`langptune_jax.train.loop.Trainer` (``rlso_update``) and the CL step
+of :mod:`langptune_jax.train.setup`;
 torch is HF ``generate`` plus a plain LoRA wrapper, one-forward sequence
 log-probs, the same loss math and ``torch.optim.AdamW``. For the RLSO update
 each side runs in its own subprocess (peak RSS per side); our first call
