@@ -362,7 +362,8 @@ class Trainer:
     n = self.data.num_items
     if "reference_query" in names:
       last = users.last_history_item()
-      query = item_emb[last]
+      # No history: a zero query ties every item, so the target ranks last.
+      query = np.where((last >= 0)[:, None], np.asarray(item_emb)[np.maximum(last, 0)], 0.0)
       out["reference_query"] = _metrics_from_ranks(
           retrieval.rank_users(query, item_emb, users.target, users.history, mesh=self.mesh),
           ks, n)
