@@ -28,7 +28,7 @@ from langptune_jax.train import (  # noqa: E402
   rlso,
 )
 
-MARGIN = 0.1  # NDCG@10 over the run that does not learn; see the learning test
+MARGIN = 0.2  # NDCG@10 over the run that does not learn (measured: 0.08 -> 0.47)
 
 
 def planted_config(**overrides):
@@ -77,6 +77,9 @@ def test_rlso_raises_reward_on_planted_task(tmp_path):
   assert last > first + 0.15, (first, last)
 
 
+INFONCE_RECALL = 0.6
+
+
 def test_infonce_lowers_loss_and_raises_recall(tmp_path):
   cfg = planted_config(cl__lr=3e-3, cl__batch_size=16)
   trainer = make_trainer(cfg, tmp_path, num_devices=1)
@@ -112,7 +115,9 @@ def test_infonce_lowers_loss_and_raises_recall(tmp_path):
     losses_seen.append(float(metrics["loss"]))
   after = recall_at_5()
   assert np.mean(losses_seen[-5:]) < np.mean(losses_seen[:5]) - 0.3, losses_seen
-  assert after > before + 0.1, (before, after)
+  # Chance is about 5/24 (0.21); naming the genre allows about 0.83 (the other 5 items of the
+  # genre share the top ranks).
+  assert before < 0.45 and after > INFONCE_RECALL, (before, after)
 
 
 def test_gradient_cache_equals_full_batch_gradient(tmp_path):
