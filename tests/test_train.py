@@ -277,6 +277,8 @@ def learning_data():
   """Planted data whose first val user has no history and the second a left-padded one."""
   data = planted.planted_data(planted.word_tokenizer())
   data.val.history[0] = -1
+  # The last item: a query that wrapped index -1 around would find it first.
+  data.val.target[0] = data.num_items - 1
   data.val.history[1, :2] = -1
   return data
 
