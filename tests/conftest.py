@@ -49,3 +49,14 @@ def gemma3_gguf():
 @pytest.fixture(scope="session")
 def ml100k_dir():
   return _asset("ml100k")
+
+
+# Fixtures that load real offline weights or data: a test that uses one is `slow`.
+REAL_ASSET_FIXTURES = frozenset({"minilm_dir", "smollm2_gguf", "gemma3_gguf", "ml100k_dir"})
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    if REAL_ASSET_FIXTURES & set(getattr(item, "fixturenames", ())):
+      item.add_marker(pytest.mark.slow)

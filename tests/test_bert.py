@@ -7,14 +7,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import torch
+import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from langptune_jax import parallel
 from langptune_jax.models import bert
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 TINY_HF = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                intermediate_size=64, max_position_embeddings=40, type_vocab_size=2,
@@ -94,9 +93,13 @@ def test_sharded_index_and_bf16_params(tmp_path):
   tokens, mask, types = _batch(seed=2)
   want = _torch_hidden(ref, tokens, mask, types)
   got = np.asarray(model(jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(types)))
-  # bf16 weights, f32 compute: close but not exact.
-  np.testing.assert_allclose(got, want, atol=0.1, rtol=0)
-  assert np.abs(got - want).max() > 0  # the weights really were rounded
+  # bf16 weights, f32 compute: exactly the f32 model with its weights rounded to bf16.
+  with torch.no_grad():
+    for p in ref.parameters():
+      p.copy_(p.to(torch.bfloat16).to(torch.float32))
+  rounded = _torch_hidden(ref, tokens, mask, types)
+  np.testing.assert_allclose(got, rounded, atol=1e-4, rtol=0)
+  assert np.abs(got - want).max() > 1e-2  # the weights really were rounded
 
 
 def _tiny_cfg(**kw):
@@ -177,7 +180,10 @@ def test_bf16_compute_close_to_f32():
   run = nnx.jit(lambda m, t, k: m(t, k))
   a, b = run(f32, tokens, mask), run(bf16, tokens, mask)
   assert b.dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(b, np.float32), np.asarray(a), atol=0.1)
+  # LayerNorm outputs up to ~3 carry bf16 steps of 2**-6; one block of bf16 matmuls gives a
+  # few of them at most (measured: max 0.021, mean 0.0026 over seeds).
+  err = np.abs(np.asarray(b, np.float32) - np.asarray(a))
+  assert err.max() < 0.04 and err.mean() < 0.005, (err.max(), err.mean())
 
 
 def test_config_from_hf():

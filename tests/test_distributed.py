@@ -4,9 +4,9 @@ The 2-process test starts two Python processes with 2 CPU devices each. They
 join through ``distributed.initialize``, each feeds only its own rows of every
 global batch, and together they run one CL update of a tiny BERT embedder and
 one RLSO update pass (rewards shaped by KL and whitened, the REBEL loss
-over all pairs, one AdamW step) of a tiny LoRA decoder on a data=2 x fsdp=2 mesh. Both must end with identical
-parameters, equal to what one process computes with the same mesh shape, and
-their user shards must be disjoint and cover every user.
+over all pairs, one AdamW step) of a tiny LoRA decoder on a data=2 x fsdp=2 mesh. Both must end
+with identical parameters and gradients, equal to what one process computes with the same mesh
+shape, and their user shards must be disjoint and cover every user.
 
 Run as a script (``python tests/test_distributed.py worker PID PORT OUT``),
 this file is the worker.
@@ -35,6 +35,7 @@ def _iteration(mesh, local_rows):
 
   `local_rows(n)` is the slice of a global n-row batch this process feeds.
   """
+  import jax
   import jax.numpy as jnp
   import numpy as np
   from flax import nnx
@@ -90,17 +91,30 @@ def _iteration(mesh, local_rows):
   pass_batch = dict(seq, logp_old=logp_old, total_reward=np.asarray(total),
                     task_reward=task_reward, kl=np.asarray(kl))
   pass_batch = {k: pass_batch[k] for k in rlso.PASS_KEYS}
+  pass_batch = batch(pass_batch)
+
+  # The RLSO gradient itself (one AdamW step from zero moments is ~lr * sign(g) and hides
+  # a wrongly scaled gradient).
+  @jax.jit
+  def rl_grads(state, b):
+    with parallel.use_mesh(mesh):
+      policy, _ = nnx.merge(rl_state.graphdef, state)
+      return rlso.rlso_loss_and_grads(policy, rl_state.wrt, b, settings)[2]
+
+  grads = rl_grads(rl_state.state, pass_batch)
   rl_pass = rlso.make_rlso_pass(rl_state, mesh, settings)
-  rl_state.state, rl_metrics = rl_pass(rl_state.state, batch(pass_batch))
+  rl_state.state, rl_metrics = rl_pass(rl_state.state, pass_batch)
 
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   host = lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True))
   params = {}
-  for name, ts in (("cl", cl_state), ("rl", rl_state)):
-    full = multihost_utils.process_allgather(nnx.state(ts.model, nnx.Param), tiled=True)
+  for name, tree in (("cl", nnx.state(cl_state.model, nnx.Param)),
+                     ("rl", nnx.state(rl_state.model, nnx.Param)), ("rl_grad", grads)):
+    full = multihost_utils.process_allgather(tree, tiled=True)
     for path, value in nnx.to_flat_state(full):
       params[f"{name}/" + "/".join(map(str, path))] = np.asarray(value.get_value())
   metrics = {"cl_loss": float(host(cl_metrics["loss"])), "rl_loss": float(host(rl_metrics["loss"])),
+             "cl_grad_norm": float(host(cl_metrics["grad_norm"])),
              "rl_kl": float(host(rl_metrics.get("kl", 0.0)))}
   return params, metrics
 
@@ -184,13 +198,18 @@ def test_two_processes_train_identically(tmp_path):
 
   # Multi-process results equal the single-process ones.
   assert expected.keys() == params[0].keys()
+  assert any(k.startswith("rl_grad/") for k in expected)
   for key in expected:
-    np.testing.assert_allclose(params[0][key], expected[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    scale = np.abs(expected[key]).max() if key.startswith("rl_grad/") else 1.0
+    np.testing.assert_allclose(params[0][key], expected[key], rtol=1e-5, atol=1e-6 * scale,
+                               err_msg=key)
   for key, value in metrics.items():
     assert results[0]["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
   # The update did change the trained parameters.
   lora_b = [k for k in expected if k.startswith("rl/") and k.endswith("lora_b")]
   assert lora_b and any(np.abs(expected[k]).max() > 0 for k in lora_b)
+  grad_b = [k for k in expected if k.startswith("rl_grad/") and k.endswith("lora_b")]
+  assert grad_b and all(np.abs(expected[k]).max() > 1e-6 for k in grad_b)
 
 
 def test_cluster_spec_from_config_and_environment(monkeypatch):

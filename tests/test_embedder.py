@@ -5,15 +5,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+import torch
+import transformers
 from flax import nnx
 
 from langptune_jax import parallel
 from langptune_jax.models import bert
 from langptune_jax.models import embedder as emb
 from langptune_jax.rec import retrieval
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
 
 
 class _Fixed(nnx.Module):
@@ -233,7 +232,6 @@ def _save_tiny_llama(tmp_path, seed=0):
 
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_llm_embedder_matches_transformers(tmp_path, pooling):
-  pytest.importorskip("langptune_jax.weights.hf")
   ref = _save_tiny_llama(tmp_path)
   e = emb.load_embedder("llama", tmp_path, pooling=pooling, normalize=False)
   lengths = [9, 5, 2]

@@ -88,7 +88,9 @@ class Evaluator:
     names = tuple(self.config.eval.baselines)
     n = self.data.num_items
     if "reference_query" in names:
-      query = item_emb[users.last_history_item()]
+      last = users.last_history_item()
+      # No history: a zero query ties every item, so the target ranks last.
+      query = np.where((last >= 0)[:, None], np.asarray(item_emb)[np.maximum(last, 0)], 0.0)
       out["reference_query"] = metrics_from_ranks(
           retrieval.rank_users(query, item_emb, users.target, users.history, mesh=self.mesh),
           ks, n)

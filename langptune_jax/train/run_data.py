@@ -36,10 +36,15 @@ class UserSplit:
     return self if n <= 0 or n >= len(self) else self.take(np.arange(n))
 
   def last_history_item(self) -> np.ndarray:
-    """The most recent history item of each user (the reference-query baseline)."""
+    """The most recent history item of each user (the reference-query baseline).
+
+    -1 for a user whose history is all padding; the padding may sit on either side.
+    """
     valid = self.history >= 0
-    last = np.maximum(valid.sum(axis=1) - 1, 0)
-    return self.history[np.arange(len(self)), last]
+    width = self.history.shape[1]
+    last = width - 1 - np.argmax(valid[:, ::-1], axis=1)
+    items = self.history[np.arange(len(self)), last]
+    return np.where(valid.any(axis=1), items, -1).astype(self.history.dtype)
 
 
 @dataclasses.dataclass
