@@ -11,6 +11,7 @@ the full traceback instead).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -103,6 +104,8 @@ COMMANDS: dict[str, Command] = {
 }
 # Stages `demo` runs after `assets` and `info`, when they exist.
 DEMO_STAGES = ("prepare", "train")
+# Commands that write into the work directory; they hold its lock while they run.
+LOCKED_COMMANDS = ("prepare", "train", "evaluate", "export", "demo")
 
 
 def available_commands() -> dict[str, Command]:
@@ -220,6 +223,14 @@ def _prepare(command: Command):
   return config, workdir
 
 
+def _workdir_lock(name: str, workdir):
+  """One run per work directory: commands that write there hold its lock."""
+  if name not in LOCKED_COMMANDS or workdir is None:
+    return contextlib.nullcontext()
+  from langptune_jax import workdir_lock
+  return workdir_lock.hold(workdir, name)
+
+
 def main(argv: list[str]) -> int:
   if not flags.FLAGS["verbosity"].present:
     absl_logging.set_verbosity(absl_logging.WARNING)  # keep library INFO logs out of the CLI
@@ -235,7 +246,8 @@ def main(argv: list[str]) -> int:
   command = commands[name]
   try:
     config, workdir = _prepare(command)
-    result = command.load()(config, workdir)
+    with _workdir_lock(name, workdir):
+      result = command.load()(config, workdir)
   except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
     if _FLAGS["traceback"].value:
       raise
