@@ -38,6 +38,8 @@ def _define_flags() -> None:
       "workdir", None, "Run directory (default: config.workdir, else ./runs/<config name>).")
   _FLAGS["traceback"] = flags.DEFINE_bool(
       "traceback", False, "Show full tracebacks instead of one-line errors.")
+  _FLAGS["overwrite"] = flags.DEFINE_bool(
+      "overwrite", False, "export: replace a non-empty <workdir>/export folder.")
 
 
 PROG = "langptune-jax"
@@ -132,6 +134,7 @@ def usage() -> str:
       "  --config.rl.lr=1e-6         override any config field (repeatable)",
       "  --workdir=DIR               run directory (default: config.workdir or ./runs/<config>)",
       "  --traceback                 full tracebacks instead of one-line errors",
+      "  --overwrite                 export: replace a non-empty export folder",
       "  --helpfull                  every flag, including absl's",
       "",
       f"example: {PROG} info --config=configs/tiny.py --config.mesh.data=4 --config.mesh.fsdp=2",
