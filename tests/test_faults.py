@@ -339,6 +339,7 @@ def test_truncated_split_file_names_the_file(amazon_dataset, tmp_path):
     loader.load_stats(copy)
 
 
+@pytest.mark.slow  # a CLI process that loads both tokenizers
 def test_truncated_gzip_through_the_cli_is_one_line_and_leaves_no_dataset(
     tmp_path, smollm2_gguf, minilm_dir):
   reviews, meta = fx.write(tmp_path / "raw", gz=True)

@@ -102,14 +102,14 @@ def _features(folder: str):
 def split_files(dataset_dir: str | os.PathLike, split: str) -> list[str]:
   folder = builder.config_dir(check_dataset(dataset_dir), _config_for(split))
   files = sorted(str(p) for p in folder.glob(f"{builder.NAME}-{split}.array_record-*"))
-  if not files:
-    raise core.DataError(f"split {split!r} has no array_record files in {folder}")
   root = check_dataset(dataset_dir)
   prefix = folder.relative_to(root).as_posix() + f"/{builder.NAME}-{split}.array_record-"
   for name in load_stats(root).get(builder.CHECKSUMS) or {}:
     if name.startswith(prefix) and not (root / name).is_file():
       raise core.DataError(f"{root / name}: dataset file missing; run `langptune-jax prepare` "
                            "again")
+  if not files:
+    raise core.DataError(f"split {split!r} has no array_record files in {folder}")
   # The split's records and its config's metadata (features.json, dataset_info.json, ...).
   metadata = [p for p in folder.iterdir() if p.is_file() and ".array_record-" not in p.name]
   verify_files(dataset_dir, files + sorted(metadata))
