@@ -159,6 +159,17 @@ def test_no_readable_checkpoint_is_one_error_and_nothing_is_deleted(stopped_run,
       "0", "1", "2"]
 
 
+def test_checkpoint_of_another_config_is_refused_not_set_aside(stopped_run, tmp_path):
+  # Other array shapes (LoRA rank 8, not 4) must not pass for unreadable checkpoints.
+  workdir = _copy_run(stopped_run, tmp_path)
+  trainer = make_trainer(planted_config(lora__rank=8), workdir)
+  with pytest.raises(ckpt_lib.CheckpointMismatchError, match=r"lora\.rank=4 .*lora\.rank=8"):
+    trainer.restore()
+  trainer.close()
+  assert not (workdir / "checkpoints.unreadable").exists()
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["0", "1", "2"]
+
+
 # --- one run per work directory -----------------------------------------------------
 
 def _cli(*args, cwd=REPO, timeout=300):

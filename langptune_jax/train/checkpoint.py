@@ -26,7 +26,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -129,29 +129,41 @@ class Checkpointer:
     ))
     return restored["encoder"], restored["decoder"], restored["loop"], restored["profiles"]
 
-  def restore_latest(self, *, encoder_target, decoder_target):
+  def restore_latest(self, *, encoder_target, decoder_target,
+                     check: Callable[[dict], None] | None = None):
     """(step, encoder, decoder, loop, profiles) of the newest readable checkpoint, or None.
 
     Each checkpoint that fails to read is reported on stderr, moved aside and the
     next older one is tried; with none readable, CheckpointUnreadableError.
+    `check(loop)` runs on the loop JSON before any array is read: what it raises
+    (a checkpoint of another config) is not a read failure and propagates.
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
     if not steps:
       return None
-    moved = []
     for step in steps:
+      try:
+        loop = self.manager.restore(
+            step, args=ocp.args.Composite(loop=ocp.args.JsonRestore()))["loop"]
+      except Exception as e:  # a missing or corrupt loop file
+        self._set_aside(step, e, last=step == steps[-1])
+        continue
+      if check is not None:
+        check(loop)
       try:
         return (step, *self.restore(step, encoder_target=encoder_target,
                                     decoder_target=decoder_target))
       except Exception as e:  # any unreadable array or metadata file
-        target = self._move_aside(step)
-        moved.append(str(target))
-        older = "trying the next older one" if step != steps[-1] else "no older one left"
-        print(f"warning: checkpoint {self.directory / str(step)} is unreadable ({_one_line(e)});"
-              f" moved to {target}; {older}", file=sys.stderr, flush=True)
+        self._set_aside(step, e, last=step == steps[-1])
     raise CheckpointUnreadableError(
         f"no readable checkpoint in {self.directory}: all {len(steps)} failed to read and were "
         f"moved to {unreadable_dir(self.directory)}; fix or remove them, or use another --workdir")
+
+  def _set_aside(self, step: int, error: Exception, *, last: bool) -> None:
+    target = self._move_aside(step)
+    older = "no older one left" if last else "trying the next older one"
+    print(f"warning: checkpoint {self.directory / str(step)} is unreadable ({_one_line(error)});"
+          f" moved to {target}; {older}", file=sys.stderr, flush=True)
 
   def _move_aside(self, step: int) -> epath.Path:
     """Renames a checkpoint step out of the manager's folder (process 0 renames)."""

@@ -505,13 +505,13 @@ class Trainer:
       return False
     enc_target = ckpt_lib.abstract_like(self.encoder_state.trainable_state())
     dec_target = ckpt_lib.abstract_like(self.decoder_state.trainable_state())
-    restored = self.checkpointer.restore_latest(encoder_target=enc_target,
-                                                decoder_target=dec_target)
+    restored = self.checkpointer.restore_latest(
+        encoder_target=enc_target, decoder_target=dec_target,
+        check=lambda loop: ckpt_lib.check_compatible(loop["fingerprint"], self.fingerprint,
+                                                     str(self.checkpointer.directory)))
     if restored is None:
       return False
     step, enc, dec, loop, profiles = restored
-    ckpt_lib.check_compatible(loop["fingerprint"], self.fingerprint,
-                              str(self.checkpointer.directory))
     self.encoder_state.load_trainable_state(enc)
     self.decoder_state.load_trainable_state(dec)
     self.position = dict(loop["position"])
