@@ -11,6 +11,7 @@ the full traceback instead).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import importlib.util
@@ -37,6 +38,8 @@ def _define_flags() -> None:
       "workdir", None, "Run directory (default: config.workdir, else ./runs/<config name>).")
   _FLAGS["traceback"] = flags.DEFINE_bool(
       "traceback", False, "Show full tracebacks instead of one-line errors.")
+  _FLAGS["overwrite"] = flags.DEFINE_bool(
+      "overwrite", False, "export: replace a non-empty <workdir>/export folder.")
 
 
 PROG = "langptune-jax"
@@ -103,6 +106,8 @@ COMMANDS: dict[str, Command] = {
 }
 # Stages `demo` runs after `assets` and `info`, when they exist.
 DEMO_STAGES = ("prepare", "train")
+# Commands that write into the work directory; they hold its lock while they run.
+LOCKED_COMMANDS = ("prepare", "train", "evaluate", "export", "demo")
 
 
 def available_commands() -> dict[str, Command]:
@@ -129,6 +134,7 @@ def usage() -> str:
       "  --config.rl.lr=1e-6         override any config field (repeatable)",
       "  --workdir=DIR               run directory (default: config.workdir or ./runs/<config>)",
       "  --traceback                 full tracebacks instead of one-line errors",
+      "  --overwrite                 export: replace a non-empty export folder",
       "  --helpfull                  every flag, including absl's",
       "",
       f"example: {PROG} info --config=configs/tiny.py --config.mesh.data=4 --config.mesh.fsdp=2",
@@ -220,6 +226,14 @@ def _prepare(command: Command):
   return config, workdir
 
 
+def _workdir_lock(name: str, workdir):
+  """One run per work directory: commands that write there hold its lock."""
+  if name not in LOCKED_COMMANDS or workdir is None:
+    return contextlib.nullcontext()
+  from langptune_jax import workdir_lock
+  return workdir_lock.hold(workdir, name)
+
+
 def main(argv: list[str]) -> int:
   if not flags.FLAGS["verbosity"].present:
     absl_logging.set_verbosity(absl_logging.WARNING)  # keep library INFO logs out of the CLI
@@ -235,7 +249,8 @@ def main(argv: list[str]) -> int:
   command = commands[name]
   try:
     config, workdir = _prepare(command)
-    result = command.load()(config, workdir)
+    with _workdir_lock(name, workdir):
+      result = command.load()(config, workdir)
   except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
     if _FLAGS["traceback"].value:
       raise

@@ -8,7 +8,8 @@ and items have different features:
   <dataset_dir>/langptune/users/1.0.0/   splits train, val, test
   <dataset_dir>/langptune/items/1.0.0/   split  items
   <dataset_dir>/stats.json               counts, filter log, skipped records, lengths,
-                                         and the settings the data was built with
+                                         the settings the data was built with and the
+                                         SHA-256 of every other file (checked on load)
 
 Feature names (what the training loop reads):
 
@@ -37,18 +38,19 @@ run never leaves a folder that looks complete.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
 import pathlib
 import shutil
-import tempfile
 from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
+from langptune_jax import fs
 from langptune_jax.data import core
 from langptune_jax.weights import tokenizer as tok_lib
 
@@ -57,6 +59,21 @@ VERSION = "1.0.0"
 USER_SPLITS = ("train", "val", "test")
 ITEM_SPLIT = "items"
 STATS_FILE = "stats.json"
+CHECKSUMS = "checksums"  # stats.json key: relative path -> SHA-256 of every dataset file
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def file_checksums(root: pathlib.Path) -> dict[str, str]:
+  """Relative POSIX path -> SHA-256 of every file under `root` but stats.json."""
+  return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*"))
+          if p.is_file() and p.name != STATS_FILE}
 
 
 def _ints(length: int) -> tfds.features.Tensor:
@@ -156,7 +173,7 @@ def write(prepared: core.Prepared, dataset_dir: str | os.PathLike, *, history_le
   """Writes the dataset atomically to `dataset_dir` (replacing an older one)."""
   final = pathlib.Path(dataset_dir).expanduser().resolve()
   final.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+  tmp = fs.temp_dir(final.parent, prefix=f".{final.name}.tmp-")
   try:
     rows = {name: _user_rows(prepared.users[name], prompt_len, encoder_pad)
             for name in USER_SPLITS}
@@ -177,6 +194,7 @@ def write(prepared: core.Prepared, dataset_dir: str | os.PathLike, *, history_le
                        "encoder_pad_id": encoder_pad, "decoder_pad_id": decoder_pad,
                        "num_items": int(len(prepared.items["item"]))}
     shutil.rmtree(tmp / "downloads", ignore_errors=True)  # TFDS's empty download cache
+    stats[CHECKSUMS] = file_checksums(tmp)
     # stats.json last: its presence marks a complete dataset.
     with open(tmp / STATS_FILE, "w") as f:
       json.dump(stats, f, indent=2, sort_keys=True)

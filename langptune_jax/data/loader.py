@@ -51,8 +51,47 @@ def check_dataset(dataset_dir: str | os.PathLike) -> pathlib.Path:
 
 def load_stats(dataset_dir: str | os.PathLike) -> dict[str, Any]:
   """stats.json of a dataset (counts, filters, settings, `format` lengths and pad ids)."""
-  with open(check_dataset(dataset_dir) / builder.STATS_FILE) as f:
-    return json.load(f)
+  path = check_dataset(dataset_dir) / builder.STATS_FILE
+  try:
+    with open(path) as f:
+      stats = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise core.DataError(f"{path}: corrupt dataset file ({e}); run `langptune-jax prepare` "
+                         "again") from None
+  if not isinstance(stats, dict):
+    raise core.DataError(f"{path}: corrupt dataset file (not a JSON object); run "
+                         "`langptune-jax prepare` again")
+  return stats
+
+
+# (path, size, mtime) of files whose checksum matched: each file is hashed once per process.
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
+def verify_files(dataset_dir: str | os.PathLike, files: Sequence[str | os.PathLike]) -> None:
+  """Checks `files` against the SHA-256 sums stats.json recorded when the dataset was built.
+
+  A dataset written before checksums were recorded is not checked.
+  """
+  root = pathlib.Path(dataset_dir).expanduser()
+  sums = load_stats(root).get(builder.CHECKSUMS)
+  if not sums:
+    return
+  for file in files:
+    file = pathlib.Path(file)
+    st = file.stat()
+    key = (str(file.resolve()), st.st_size, st.st_mtime_ns)
+    if key in _VERIFIED:
+      continue
+    name = file.resolve().relative_to(root.resolve()).as_posix()
+    expected = sums.get(name)
+    if expected is None:
+      raise core.DataError(f"{file}: not listed in {root / builder.STATS_FILE}; the dataset "
+                           "was changed after it was built; run `langptune-jax prepare` again")
+    if builder.sha256_file(file) != expected:
+      raise core.DataError(f"{file}: corrupt dataset file (checksum differs from "
+                           f"{builder.STATS_FILE}); run `langptune-jax prepare` again")
+    _VERIFIED.add(key)
 
 
 @functools.lru_cache(maxsize=16)
@@ -63,8 +102,17 @@ def _features(folder: str):
 def split_files(dataset_dir: str | os.PathLike, split: str) -> list[str]:
   folder = builder.config_dir(check_dataset(dataset_dir), _config_for(split))
   files = sorted(str(p) for p in folder.glob(f"{builder.NAME}-{split}.array_record-*"))
+  root = check_dataset(dataset_dir)
+  prefix = folder.relative_to(root).as_posix() + f"/{builder.NAME}-{split}.array_record-"
+  for name in load_stats(root).get(builder.CHECKSUMS) or {}:
+    if name.startswith(prefix) and not (root / name).is_file():
+      raise core.DataError(f"{root / name}: dataset file missing; run `langptune-jax prepare` "
+                           "again")
   if not files:
     raise core.DataError(f"split {split!r} has no array_record files in {folder}")
+  # The split's records and its config's metadata (features.json, dataset_info.json, ...).
+  metadata = [p for p in folder.iterdir() if p.is_file() and ".array_record-" not in p.name]
+  verify_files(dataset_dir, files + sorted(metadata))
   return files
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import tqdm
 
 from langptune_jax import assets
-from langptune_jax.data import core
+from langptune_jax.data import core, review_scan
 from langptune_jax.data import prompts as prompts_lib
 
 DataError = core.DataError
@@ -86,11 +86,15 @@ def load(cfg: Any, skips: core.SkipLog, log: core.FilterLog) -> core.Source:
                           desc="ml-100k.inter", unit=" lines", unit_scale=True,
                           mininterval=1.0, disable=None):
     try:
-      rating = float(row["rating"])
-      ts = int(float(row["timestamp"]))
+      rating, ts_value = float(row["rating"]), float(row["timestamp"])
     except ValueError:
       skips.skip("unparsable rating/timestamp", f"ml-100k.inter:{n}")
       continue
+    bad = review_scan.bad_number(ts_value, rating, prefix="")  # NaN, inf, negative, 1e400
+    if bad is not None:
+      skips.skip(bad, f"ml-100k.inter:{n}")
+      continue
+    ts = int(ts_value)
     i = item_index.get(row["item_id"])
     if i is None:
       skips.skip("unknown item", f"ml-100k.inter:{n}")

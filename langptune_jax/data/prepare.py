@@ -12,6 +12,7 @@ import pathlib
 import time
 from typing import Any
 
+from langptune_jax import model_limits
 from langptune_jax.data import amazon, builder, core, movielens
 from langptune_jax.weights import tokenizer as tok_lib
 
@@ -47,6 +48,7 @@ def prepare(config: Any, workdir: str | os.PathLike | None = None
   if source not in SOURCES:
     raise ValueError(f"data.source={source!r}; expected one of {', '.join(SOURCES)}")
   out_dir = dataset_dir(config, workdir)
+  model_limits.check(config)  # lengths the models cannot hold fail here, not after the build
   start = time.perf_counter()
   enc_tok = _tokenizer(config, "encoder")
   dec_tok = _tokenizer(config, "decoder")

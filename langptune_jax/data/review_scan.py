@@ -14,9 +14,11 @@ import array
 import dataclasses
 import gzip
 import json
+import math
 import multiprocessing
 import os
 import warnings
+import zlib
 from typing import Any, Callable
 
 import orjson
@@ -53,11 +55,60 @@ def is_gzip(path: str | os.PathLike) -> bool:
     return f.read(2) == b"\x1f\x8b"
 
 
+# Timestamps are kept as int64 seconds (or milliseconds): anything larger is not a time.
+_MAX_TIMESTAMP = 2 ** 62
+_MAX_RATING = 1e30  # stored as float32
+
+
+class _CheckedGzip:
+  """Line iteration over a gzip file; a truncated or corrupt file is one clear error."""
+
+  def __init__(self, path: str | os.PathLike):
+    self._path = path
+    self._file = gzip.open(path, "rb")
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self._file.close()
+
+  def __iter__(self):
+    try:
+      yield from self._file
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+      # A ValueError: the CLI prints it as one line (core.DataError is one too).
+      raise ValueError(f"{self._path}: truncated or corrupt gzip file ({type(e).__name__}: "
+                       f"{e}); download it again") from None
+
+
 def open_binary(path: str | os.PathLike):
   """A plain or gzip file, opened for reading bytes (line iteration)."""
   if is_gzip(path):
-    return gzip.open(path, "rb")
+    return _CheckedGzip(path)
   return open(path, "rb", buffering=1 << 20)
+
+
+def _finite(v: int | float) -> bool:
+  return type(v) is int or math.isfinite(v)  # math.isfinite overflows on huge ints
+
+
+def bad_number(timestamp: int | float, rating: int | float, prefix: str = "review: "
+               ) -> str | None:
+  """The skip reason of a record with an unusable timestamp or rating, else None."""
+  if not _finite(timestamp):
+    return f"{prefix}timestamp NaN or infinite"
+  if timestamp < 0:
+    return f"{prefix}negative timestamp"
+  if timestamp >= _MAX_TIMESTAMP:
+    return f"{prefix}timestamp too large"
+  if not _finite(rating):
+    return f"{prefix}rating NaN or infinite"
+  if rating < 0:
+    return f"{prefix}negative rating"
+  if rating > _MAX_RATING:
+    return f"{prefix}rating too large"
+  return None
 
 
 @dataclasses.dataclass
@@ -119,6 +170,8 @@ def scan_range(path: str, start: int, end: int | None, item_index: dict[str, int
           skip("review: missing user_id/parent_asin", n)
         elif not _is_number(t) or not _is_number(r) or type(text) is not str:
           skip("review: missing or null timestamp/rating/text", n)
+        elif (number := bad_number(t, r)) is not None:
+          skip(number, n)
         else:
           i = item_index.get(asin)
           if i is None:

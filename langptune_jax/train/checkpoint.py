@@ -12,13 +12,21 @@ Saves are atomic (orbax writes to a temporary directory and renames it), so an
 interrupted save never looks like a complete checkpoint. Restoring takes
 abstract target arrays with shardings, which also lets a run resume on a
 different number of devices.
+
+A checkpoint that fails to read (a truncated array file, a missing metadata
+file) is reported in one line, moved aside to ``<checkpoints>.unreadable/`` and
+the next older one is tried: a damaged checkpoint costs the steps since the one
+before it, never the run. Nothing the run could not read is deleted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+import os
+import sys
+import time
+from typing import Any, Callable
 
 import jax
 import orbax.checkpoint as ocp
@@ -64,6 +72,28 @@ def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: str) 
           f"{key}={current.get(key)!r}; use another --workdir or --config.checkpoint.resume=False")
 
 
+class CheckpointUnreadableError(ValueError):
+  """Raised when checkpoints exist but none of them can be read."""
+
+
+def unreadable_dir(directory) -> epath.Path:
+  """Where checkpoints that failed to read are moved: next to the checkpoint folder."""
+  directory = epath.Path(directory)
+  return directory.parent / f"{directory.name}.unreadable"
+
+
+def has_checkpoint(directory) -> bool:
+  """Whether `directory` holds a finished checkpoint step, without creating anything."""
+  directory = epath.Path(directory)
+  return directory.is_dir() and any(p.name.isdigit() and p.is_dir() for p in directory.iterdir())
+
+
+def _one_line(error: BaseException) -> str:
+  lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+  text = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+  return text if len(text) <= 300 else text[:297] + "..."
+
+
 class Checkpointer:
   """Thin wrapper over ``ocp.CheckpointManager`` with the run's item layout."""
 
@@ -98,6 +128,59 @@ class Checkpointer:
         profiles=ocp.args.JsonRestore(),
     ))
     return restored["encoder"], restored["decoder"], restored["loop"], restored["profiles"]
+
+  def restore_latest(self, *, encoder_target, decoder_target,
+                     check: Callable[[dict], None] | None = None):
+    """(step, encoder, decoder, loop, profiles) of the newest readable checkpoint, or None.
+
+    Each checkpoint that fails to read is reported on stderr, moved aside and the
+    next older one is tried; with none readable, CheckpointUnreadableError.
+    `check(loop)` runs on the loop JSON before any array is read: what it raises
+    (a checkpoint of another config) is not a read failure and propagates.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
+      return None
+    for step in steps:
+      try:
+        loop = self.manager.restore(
+            step, args=ocp.args.Composite(loop=ocp.args.JsonRestore()))["loop"]
+      except Exception as e:  # a missing or corrupt loop file
+        self._set_aside(step, e, last=step == steps[-1])
+        continue
+      if check is not None:
+        check(loop)
+      try:
+        return (step, *self.restore(step, encoder_target=encoder_target,
+                                    decoder_target=decoder_target))
+      except Exception as e:  # any unreadable array or metadata file
+        self._set_aside(step, e, last=step == steps[-1])
+    raise CheckpointUnreadableError(
+        f"no readable checkpoint in {self.directory}: all {len(steps)} failed to read and were "
+        f"moved to {unreadable_dir(self.directory)}; fix or remove them, or use another --workdir")
+
+  def _set_aside(self, step: int, error: Exception, *, last: bool) -> None:
+    target = self._move_aside(step)
+    older = "no older one left" if last else "trying the next older one"
+    print(f"warning: checkpoint {self.directory / str(step)} is unreadable ({_one_line(error)});"
+          f" moved to {target}; {older}", file=sys.stderr, flush=True)
+
+  def _move_aside(self, step: int) -> epath.Path:
+    """Renames a checkpoint step out of the manager's folder (process 0 renames)."""
+    aside = unreadable_dir(self.directory)
+    target = aside / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}"
+    if jax.process_index() == 0:
+      aside.mkdir(parents=True, exist_ok=True)
+      n = 0
+      while target.exists():
+        n += 1
+        target = aside / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}-{n}"
+      os.replace(str(self.directory / str(step)), str(target))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"checkpoint_moved_aside_{step}")
+    self.manager.reload()
+    return target
 
   def close(self):
     self.manager.close()

@@ -15,13 +15,14 @@ import shutil
 
 import numpy as np
 
-from langptune_jax import parallel
+from langptune_jax import model_limits, parallel
 from langptune_jax.data import builder as data_builder
 from langptune_jax.data import loader as data_loader
 from langptune_jax.data import prepare as data_prepare
 from langptune_jax.models import bert as bert_lib
 from langptune_jax.models import embedder as embedder_lib
 from langptune_jax.observability import MetricsWriter
+from langptune_jax.train import checkpoint as ckpt_lib
 from langptune_jax.train import report
 from langptune_jax.train.loop import Trainer
 from langptune_jax.train.run_data import RunData, UserSplit
@@ -74,6 +75,7 @@ def load_run_data(config, workdir) -> RunData:
 
 
 def build_trainer(config, workdir) -> Trainer:
+  model_limits.check(config)  # before the dataset is built or a model is loaded
   mesh = parallel.make_mesh(config.mesh)
   rules = parallel.rules_from_config(config.mesh.rules)
   data = load_run_data(config, workdir)
@@ -134,22 +136,37 @@ def evaluate(config, workdir) -> int:
   return 0
 
 
-def export(config, workdir) -> int:
-  """Writes the trained encoder (LoRA merged) and decoder as HF directories."""
+def export(config, workdir, overwrite: bool | None = None) -> int:
+  """Writes the trained encoder (LoRA merged) and decoder as HF directories.
+
+  Everything is written to a temporary folder renamed to ``<workdir>/export`` at
+  the end; a non-empty ``export`` is replaced only with ``overwrite`` (--overwrite).
+  """
+  overwrite = _overwrite_flag() if overwrite is None else bool(overwrite)
+  checkpoints = pathlib.Path(workdir) / "checkpoints"
+  if not ckpt_lib.has_checkpoint(checkpoints):  # before anything is built in the workdir
+    raise FileNotFoundError(f"no checkpoint in {checkpoints}: train first")
+  out = pathlib.Path(workdir) / "export"
+  export_lib.check_target(out, overwrite)
   trainer = build_trainer(config, workdir)
   try:
     if not trainer.restore():
-      raise FileNotFoundError(f"no checkpoint in {os.path.join(workdir, 'checkpoints')}: "
-                              "train first")
-    out = pathlib.Path(workdir) / "export"
-    export_lib.export_decoder(trainer.encoder_state.model, out / "encoder")  # merges LoRA
-    _copy_tokenizer(config.encoder.path, out / "encoder")
-    decoder_dir = out / "decoder"
-    _export_embedder(trainer.decoder_state.model, decoder_dir, config.decoder.path)
-    print(f"encoder (LoRA merged): {out / 'encoder'}\ndecoder: {decoder_dir}")
+      raise FileNotFoundError(f"no checkpoint in {checkpoints}: train first")
+    with export_lib.staged_dir(out, overwrite=overwrite) as tmp:
+      export_lib.export_decoder(trainer.encoder_state.model, tmp / "encoder")  # merges LoRA
+      _copy_tokenizer(config.encoder.path, tmp / "encoder")
+      _export_embedder(trainer.decoder_state.model, tmp / "decoder", config.decoder.path)
+    print(f"encoder (LoRA merged): {out / 'encoder'}\ndecoder: {out / 'decoder'}")
   finally:
     trainer.close()
   return 0
+
+
+def _overwrite_flag() -> bool:
+  """The CLI's --overwrite (defined by langptune_jax.main), False elsewhere."""
+  from absl import flags
+  return bool("overwrite" in flags.FLAGS and flags.FLAGS.is_parsed()
+              and flags.FLAGS["overwrite"].value)
 
 
 def _export_embedder(embedder: embedder_lib.Embedder, out: pathlib.Path, source: str) -> None:
@@ -158,14 +175,10 @@ def _export_embedder(embedder: embedder_lib.Embedder, out: pathlib.Path, source:
     export_lib.export_decoder(embedder.model, out)
     _copy_tokenizer(source, out)
     return
-  tmp = out.with_name(f".{out.name}.tmp")
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir(parents=True)
-  export_lib.write_safetensors(tmp / "model.safetensors", bert_lib.hf_state(embedder.model))
-  shutil.copy(pathlib.Path(source) / "config.json", tmp / "config.json")
-  _copy_tokenizer(source, tmp)
-  shutil.rmtree(out, ignore_errors=True)
-  os.replace(tmp, out)
+  out.mkdir(parents=True, exist_ok=True)
+  export_lib.write_safetensors(out / "model.safetensors", bert_lib.hf_state(embedder.model))
+  shutil.copy(pathlib.Path(source) / "config.json", out / "config.json")
+  _copy_tokenizer(source, out)
 
 
 def _copy_tokenizer(source: str, target: pathlib.Path) -> None:

@@ -347,13 +347,15 @@ class Trainer:
     """Restores the latest checkpoint if there is one; True when it did."""
     if self.checkpointer is None or self.checkpointer.latest_step() is None:
       return False
-    step = self.checkpointer.latest_step()
     enc_target = ckpt_lib.abstract_like(self.encoder_state.trainable_state())
     dec_target = ckpt_lib.abstract_like(self.decoder_state.trainable_state())
-    enc, dec, loop, profiles = self.checkpointer.restore(step, encoder_target=enc_target,
-                                                         decoder_target=dec_target)
-    ckpt_lib.check_compatible(loop["fingerprint"], self.fingerprint,
-                              str(self.checkpointer.directory))
+    restored = self.checkpointer.restore_latest(
+        encoder_target=enc_target, decoder_target=dec_target,
+        check=lambda loop: ckpt_lib.check_compatible(loop["fingerprint"], self.fingerprint,
+                                                     str(self.checkpointer.directory)))
+    if restored is None:
+      return False
+    step, enc, dec, loop, profiles = restored
     self.encoder_state.load_trainable_state(enc)
     self.decoder_state.load_trainable_state(dec)
     self.position = LoopPosition(**loop["position"])

@@ -9,11 +9,11 @@ half-written model behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from langptune_jax import fs
 from langptune_jax.models import gemma, layers, llama
 from langptune_jax.models.transformer import Decoder, DecoderConfig
 from langptune_jax.weights import hf as hf_weights
@@ -132,7 +133,7 @@ def export_decoder(model: Decoder, out_dir: str | os.PathLike, *, dtype="float32
   if jax.process_index() != 0:
     return out_dir
   out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+  tmp = fs.temp_dir(out_dir.parent, prefix=f".{out_dir.name}.")
   try:
     write_safetensors(tmp / hf_weights.SINGLE_FILE, state)
     (tmp / hf_weights.CONFIG_FILE).write_text(
@@ -158,3 +159,44 @@ def export_decoder(model: Decoder, out_dir: str | os.PathLike, *, dtype="float32
     shutil.rmtree(tmp, ignore_errors=True)
     raise
   return out_dir
+
+
+def check_target(out_dir: str | os.PathLike, overwrite: bool) -> None:
+  """Refuses to replace a non-empty folder (it may hold the user's own files)."""
+  out_dir = Path(out_dir)
+  if out_dir.exists() and not out_dir.is_dir():
+    raise ValueError(f"export target {out_dir} exists and is not a folder")
+  if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+    raise ValueError(f"export target {out_dir} is not empty; pass --overwrite to replace it "
+                     "(everything in it is deleted) or move it away")
+
+
+@contextlib.contextmanager
+def staged_dir(out_dir: str | os.PathLike, *, overwrite: bool = False):
+  """Yields a temporary folder that replaces `out_dir` only once the block completes.
+
+  An export interrupted at any point (kill -9 included) leaves `out_dir` as it
+  was and, at worst, a hidden ``.<name>.tmp-*`` folder next to it; never a
+  folder that looks complete but lacks a file. Process 0 moves the result into
+  place; other processes' folders are discarded.
+  """
+  out_dir = Path(out_dir).expanduser()
+  check_target(out_dir, overwrite)
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = fs.temp_dir(out_dir.parent, prefix=f".{out_dir.name}.tmp-")
+  try:
+    yield tmp
+    if jax.process_index() != 0:
+      shutil.rmtree(tmp, ignore_errors=True)
+      return
+    check_target(out_dir, overwrite)  # it may have filled up while we wrote
+    if out_dir.exists():
+      old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+      os.replace(out_dir, old)
+      os.replace(tmp, out_dir)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.replace(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
