@@ -55,13 +55,19 @@ def get_config():
   c.cl.lr = 5e-5
   c.cl.num_emb_updates = 8
   c.cl.batch_size = 16
+  c.cl.group_size = 16  # a CPU batch of 16 pairs is one InfoNCE group
 
   c.train.num_iterations = 1
   c.train.profile_batch_size = 32
-  c.train.cl_users = 64  # profiles per CL phase: a seeded subset of the train+val users
+  c.train.cl_users = 64  # profiles per CL phase: a seeded subset of the train users
 
   c.eval.max_users = 0  # every validation user
-  c.eval.history_baseline_steps = 8
+  # The authors' history-baseline recipe shrunk to CPU size (their 10 x 200 steps of 64).
+  c.baselines.history_pad_len = 256
+  c.baselines.history_max_len = 64
+  c.baselines.history_batch_size = 16
+  c.baselines.history_rounds = 1
+  c.baselines.history_steps = 8
   c.eval.sasrec_steps = 300
 
   c.mesh.data = -1

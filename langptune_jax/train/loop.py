@@ -82,8 +82,11 @@ def make_cl_training(decoder: embedder_lib.Embedder, wrt, cl_config, total_steps
   """The decoder's train state (AdamW from `cl_config`) and its jitted InfoNCE step."""
   train_state = state_lib.TrainState.create(decoder, state_lib.adamw(cl_config, total_steps), wrt,
                                             mesh, rules)
-  step = contrastive.make_cl_step(train_state, mesh, temperature=float(cl_config.temperature),
-                                  micro_batch_size=int(cl_config.micro_batch_size), rules=rules)
+  step = contrastive.make_cl_step(
+      train_state, mesh, temperature=float(cl_config.temperature),
+      micro_batch_size=int(cl_config.micro_batch_size), rules=rules,
+      group_size=int(cl_config.group_size) if cl_config.get("negatives") == "group" else 0,
+      dedupe_negatives=bool(cl_config.get("dedupe_negatives", False)))
   return train_state, step
 
 
@@ -123,6 +126,7 @@ class Trainer:
     if enc_cfg.training == "lora":
       lora_lib.apply_lora(encoder, targets=tuple(config.lora.targets), rank=int(config.lora.rank),
                           alpha=float(config.lora.alpha), dropout=float(config.lora.dropout),
+                          init=config.encoder.get("lora_init", "peft"),
                           rngs=nnx.Rngs(self.seed))
     self.reference = finetune.ReferencePolicy.from_model(
         encoder, enc_cfg.training, num_layers_unfrozen=int(enc_cfg.num_layers_unfrozen))
