@@ -37,6 +37,21 @@ def whiten(x: Array, mask: Array | None = None, eps: float = 1e-8) -> Array:
   return (x - mean) * jax.lax.rsqrt(var + eps) * w
 
 
+def whiten_chunks(x: Array, chunk: int = 0, eps: float = 1e-8) -> Array:
+  """:func:`whiten` within consecutive chunks of `chunk` rows (0 or >= len: one chunk).
+
+  The authors whiten on each GPU over its own 16 prompts x 2 samples; chunks of
+  32 prompt-major rows reproduce that scope on any device count.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  n = x.shape[0]
+  if chunk <= 0 or chunk >= n:
+    return whiten(x, eps=eps)
+  if n % chunk:
+    raise ValueError(f"rl.whiten_chunk={chunk} does not divide the {n} rewards of an update")
+  return jax.vmap(lambda c: whiten(c, eps=eps))(x.reshape(-1, chunk)).reshape(n)
+
+
 def kl_shaped_reward(task_reward: Array, logp_old: Array, logp_ref: Array,
                      kl_coef: float) -> tuple[Array, Array]:
   """Total reward = task_reward - kl_coef * KL, with the sequence KL estimate logp_old - logp_ref.
