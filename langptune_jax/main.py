@@ -35,6 +35,9 @@ def _define_flags() -> None:
       "config", None, "Config file defining get_config() (configs/*.py), optionally PATH:ARG.")
   _FLAGS["workdir"] = flags.DEFINE_string(
       "workdir", None, "Run directory (default: config.workdir, else ./runs/<config name>).")
+  _FLAGS["split"] = flags.DEFINE_enum(
+      "split", None, ["val", "test"],
+      "evaluate: the split to score (default: config.eval.final_split).")
   _FLAGS["traceback"] = flags.DEFINE_bool(
       "traceback", False, "Show full tracebacks instead of one-line errors.")
 
@@ -214,6 +217,8 @@ def _prepare(command: Command):
   if config is None:
     _fail("--config=PATH is required (e.g. --config=configs/tiny.py)")
   _maybe_initialize_distributed(config)
+  if _FLAGS["split"].value is not None:
+    config.eval.final_split = _FLAGS["split"].value
   config_lib.validate(config, require_data=command.require_data)
   config_path = _config_path(sys.argv)
   workdir = config_lib.resolve_workdir(config, _FLAGS["workdir"].value, config_path)

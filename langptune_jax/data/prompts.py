@@ -80,6 +80,27 @@ def prompt_content(instruction: str, blocks: Sequence[str]) -> str:
   return "\n\n".join([instruction, *blocks])
 
 
+def history_text(prompt: str, instruction: str, tokenizer) -> str:
+  """The history blocks of a wrapped prompt, without chat wrapper or instruction.
+
+  The raw-history baseline's query (the authors' recipe). A prompt without the
+  instruction (custom data) keeps its text; a tokenizer without a chat template
+  leaves the end as it is.
+  """
+  start = prompt.find(instruction) if instruction else -1
+  body = prompt[start + len(instruction):] if start >= 0 else prompt
+  try:
+    frame = _chat_frame(tokenizer)
+  except ValueError:
+    frame = None
+  if frame is not None:
+    for suffix in (frame[1], frame[1].rstrip("\n")):
+      if suffix and body.endswith(suffix):
+        body = body[:-len(suffix)]
+        break
+  return body.strip("\n")
+
+
 def _render_chat(tokenizer, content: str) -> str:
   if not getattr(tokenizer, "chat_template", None):
     raise ValueError(

@@ -4,8 +4,9 @@
 embedder), their train states and jitted steps, the checkpointer and the metrics
 writer. One iteration is
 
-  CL phase  write a profile for every train and validation user with the current
-            encoder, then ``cl.num_emb_updates`` InfoNCE steps on the decoder;
+  CL phase  write a profile for every train user with the current encoder, then
+            ``cl.num_emb_updates`` InfoNCE steps on the decoder (held-out users
+            are never trained on, by any phase or baseline);
   RL phase  re-embed the whole catalogue with the current decoder, then
             ``rl.num_lm_updates`` RLSO updates of the encoder.
 
@@ -16,6 +17,7 @@ to continue a run exactly.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import math
@@ -24,17 +26,20 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
 
 from langptune_jax import flops as flops_lib
 from langptune_jax import observability, parallel
+from langptune_jax.data import prompts as prompts_lib
 from langptune_jax.models import embedder as embedder_lib
 from langptune_jax.models import finetune
 from langptune_jax.models import lora as lora_lib
 from langptune_jax.rec import metrics as metrics_lib
 from langptune_jax.rec import retrieval
+from langptune_jax.rec import stats as stats_lib
 from langptune_jax.train import checkpoint as ckpt_lib
 from langptune_jax.train import contrastive, rlso
 from langptune_jax.train import profiles as profiles_lib
@@ -149,6 +154,8 @@ class Trainer:
     self.rl_settings = rlso.RLSOSettings.from_config(config.rl)
     self.sampling = profiles_lib.SamplingSettings.from_config(
         config, _eos_ids(encoder_tokenizer, encoder), _pad_id(encoder_tokenizer))
+    self.eval_sampling = dataclasses.replace(
+        self.sampling, temperature=float(config.eval.get("temperature", config.rl.temperature)))
     self.rlso_pass = rlso.make_rlso_pass(self.encoder_state, self.mesh, self.rl_settings,
                                          self.rules)
     self.policy_logprobs = rlso.make_policy_logprobs(self.encoder_state, self.mesh,
@@ -172,10 +179,16 @@ class Trainer:
     self._decoder_trainable = finetune.count_params(decoder, dec_wrt)
 
     self.position = {"iteration": 0, "phase": "cl", "step": 0}
-    self.profiles: profiles_lib.Profiles | None = None  # of train + val users, this iteration
+    self.profiles: profiles_lib.Profiles | None = None  # of the CL users, this iteration
     self.item_embeddings: np.ndarray | None = None
     self.history: list[dict] = []  # evaluation results, in order
     self.curves: list[dict] = []  # per-step training scalars, for the report's plots
+    # Per split: zero-shot profile texts and ranks (the "CL only" row and the paired
+    # comparisons), and the baselines' ranks, all computed once before training.
+    self.reference_ranks: dict[str, dict[str, list[int]]] = {}
+    self.zero_shot_texts: dict[str, list[str]] = {}
+    # Users each training phase and baseline fit has seen, by name (the leakage check).
+    self.fitted_users: dict[str, set[int]] = collections.defaultdict(set)
     self._steps_this_run = 0  # updates since this process started (train.stop_after_steps)
     self.checkpointer = (ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                                max_to_keep=int(config.checkpoint.max_to_keep))
@@ -219,20 +232,21 @@ class Trainer:
   # --- profiles --------------------------------------------------------------
 
   def write_profiles(self, users: UserSplit, key: jax.Array, *, greedy: bool = False,
-                     desc: str = "writing profiles") -> profiles_lib.Profiles:
+                     desc: str = "writing profiles", settings=None) -> profiles_lib.Profiles:
     return profiles_lib.write_profiles(
         self.encoder_state.model, users.prompt_tokens, users.prompt_mask,
-        settings=self.sampling, encoder_tokenizer=self.encoder_tokenizer,
+        settings=settings or self.sampling, encoder_tokenizer=self.encoder_tokenizer,
         decoder_tokenizer=self.decoder_tokenizer,
         decoder_max_len=int(self.config.data.decoder_max_len),
         batch_size=int(self.config.train.profile_batch_size), rng=key, greedy=greedy,
         mesh=self.mesh, rules=self.rules, desc=desc)
 
   def _cl_users(self) -> UserSplit:
-    """The users whose profiles and targets the CL phase trains on: train + val."""
-    tr, va = self.data.train, self.data.val
-    return UserSplit(*(np.concatenate([getattr(tr, f), getattr(va, f)])
-                       for f in ("user", "prompt_tokens", "prompt_mask", "history", "target")))
+    """The users whose profiles and targets the CL phase trains on: train users only."""
+    return self.data.train
+
+  def _note_fit(self, name: str, users) -> None:
+    self.fitted_users[name].update(int(u) for u in np.asarray(users).reshape(-1))
 
   # --- phases ----------------------------------------------------------------
 
@@ -248,9 +262,10 @@ class Trainer:
       self._save(iteration, "cl", 0)
     batch_size = int(cfg.batch_size)
     if len(users) < batch_size:
-      raise ValueError(f"cl.batch_size={batch_size}: only {len(users)} train+val users")
+      raise ValueError(f"cl.batch_size={batch_size}: only {len(users)} train users")
     for step in self._steps("cl", iteration, start_step, int(cfg.num_emb_updates)):
       index = self._batch_rows(len(users), batch_size, step, iteration, 1)
+      self._note_fit("cl", users.user[index])
       batch = {
           "profile_tokens": self.profiles.decoder_tokens[index],
           "profile_mask": self.profiles.decoder_mask[index],
@@ -278,6 +293,7 @@ class Trainer:
       raise ValueError(f"rl.prompts_per_update={num_prompts}: only {len(users)} train users")
     for step in self._steps("rl", iteration, start_step, int(cfg.num_lm_updates)):
       prompts = users.take(self._batch_rows(len(users), num_prompts, step, iteration, 2))
+      self._note_fit("rl", prompts.user)
       metrics = self.rlso_update(prompts, item_emb, _key_for(self.seed, iteration, 3, step),
                                  _rng_for(self.seed, iteration, 4, step))
       self._after_step(metrics, "rl", iteration, step)
@@ -335,81 +351,127 @@ class Trainer:
 
   def evaluate(self, tag: str, *, split: str | None = None, baselines: bool = False,
                write_records: bool = True) -> dict[str, dict[str, float]]:
-    """Profiles for held-out users, ranked over the full catalogue, plus baselines."""
+    """Profiles for held-out users, ranked over the full catalogue, beside every reference row.
+
+    Rows of `split`: this evaluation's profiles (`tag`); the baselines (computed now when
+    `baselines`, else the ranks kept from when they ran); zero-shot profiles; and "CL only",
+    the zero-shot profiles embedded by the current decoder. The history entry carries
+    bootstrap intervals over users and paired differences against zero-shot profiles.
+    """
     cfg = self.config.eval
-    users = self.data.split(split or cfg.split).head(int(cfg.max_users))
+    split = split or cfg.split
+    users = self.data.split(split).head(int(cfg.max_users))
     ks = tuple(int(k) for k in cfg.ks)
+    n = self.data.num_items
     item_emb = self.embed_texts(self.data.item_tokens, self.data.item_mask,
                                 desc=f"{tag}: embedding items")
     profiles = self.write_profiles(users, _key_for(self.seed, 10_000, len(self.history)),
-                                   greedy=bool(cfg.greedy), desc=f"{tag}: profiles")
-    profile_emb = self.embed_texts(profiles.decoder_tokens, profiles.decoder_mask,
-                                   desc=f"{tag}: embedding profiles")
-    ranks = retrieval.rank_users(profile_emb, item_emb, users.target, users.history,
-                                 mesh=self.mesh)
-    results = {tag: _metrics_from_ranks(ranks, ks, self.data.num_items)}
+                                   greedy=bool(cfg.greedy), desc=f"{tag}: profiles",
+                                   settings=self.eval_sampling)
+    ranks = {tag: self._rank_texts(profiles.decoder_tokens, profiles.decoder_mask, users,
+                                   item_emb, f"{tag}: embedding profiles")}
+    kept = self.reference_ranks.setdefault(split, {})
+    if tag == "zero_shot":
+      self.zero_shot_texts[split] = list(profiles.texts)
+      kept["zero_shot"] = ranks[tag].tolist()
+    elif split in self.zero_shot_texts:
+      tokens, mask, _ = profiles_lib.to_decoder_inputs(
+          self.zero_shot_texts[split], self.decoder_tokenizer,
+          int(self.config.data.decoder_max_len))
+      ranks["cl_only"] = self._rank_texts(tokens, mask, users, item_emb,
+                                          f"{tag}: embedding zero-shot profiles")
     if baselines:
-      results.update(self.baselines(users, item_emb, ks))
+      kept.update({name: r.tolist() for name, r in self.baseline_ranks(users, item_emb).items()})
+    ranks.update({name: np.asarray(r) for name, r in kept.items() if name not in ranks})
+    results = {name: _metrics_from_ranks(r, ks, n) for name, r in ranks.items()}
+    summary = stats_lib.summarize_ranks(
+        ranks, ks, n, reference="zero_shot", samples=int(cfg.get("bootstrap_samples", 0)),
+        confidence=float(cfg.get("confidence", 0.95)), seed=self.seed)
     if write_records:
-      self._write_records(tag, users, profiles, ranks)
-    entry = {"tag": tag, "position": dict(self.position), "results": results}
+      name = tag if split == cfg.split or tag == "final" else f"{tag}_{split}"
+      self._write_records(name, users, profiles, ranks[tag])
+    entry = {"tag": tag, "split": split, "users": len(users), "position": dict(self.position),
+             "results": results, "intervals": summary.get("intervals", {}),
+             "vs_zero_shot": summary.get("vs_reference", {}),
+             "bootstrap": {k: summary[k] for k in ("samples", "confidence", "seed")
+                           if k in summary}}
     self.history.append(entry)
     if self.writer is not None:
       for name, values in results.items():
-        self.writer.write(self._global_step(), values, prefix=f"eval/{name}/")
+        self.writer.write(self._global_step(), values, prefix=f"eval/{split}/{name}/")
     return results
 
-  def baselines(self, users: UserSplit, item_emb: np.ndarray, ks) -> dict:
+  def _rank_texts(self, tokens, mask, users: UserSplit, item_emb, desc: str) -> np.ndarray:
+    query = self.embed_texts(tokens, mask, desc=desc)
+    return np.asarray(retrieval.rank_users(query, item_emb, users.target, users.history,
+                                           mesh=self.mesh))
+
+  def baseline_ranks(self, users: UserSplit, item_emb: np.ndarray) -> dict[str, np.ndarray]:
+    """Target ranks of each configured baseline; every fit sees train users only."""
     from langptune_jax.rec import baselines as baselines_lib  # pylint: disable=g-import-not-at-top
     out = {}
     names = tuple(self.config.eval.baselines)
     n = self.data.num_items
+    train = self.data.train
     if "reference_query" in names:
-      last = users.last_history_item()
-      query = item_emb[last]
-      out["reference_query"] = _metrics_from_ranks(
-          retrieval.rank_users(query, item_emb, users.target, users.history, mesh=self.mesh),
-          ks, n)
+      query = item_emb[users.last_history_item()]
+      out["reference_query"] = np.asarray(
+          retrieval.rank_users(query, item_emb, users.target, users.history, mesh=self.mesh))
     if "popularity" in names:
+      self._note_fit("popularity", train.user)  # train_item_counts reads the train split
       scores = np.asarray(baselines_lib.popularity_scores(self.data.train_item_counts(), n))
-      out["popularity"] = _metrics_from_scores(np.broadcast_to(scores, (len(users), n)), users, ks)
+      out["popularity"] = _ranks_from_scores(np.broadcast_to(scores, (len(users), n)), users)
     if "random" in names:
       scores = np.asarray(baselines_lib.random_scores(jax.random.key(self.seed), len(users), n))
-      out["random"] = _metrics_from_scores(scores, users, ks)
+      out["random"] = _ranks_from_scores(scores, users)
     if "sasrec" in names:
-      sequences = [np.append(h[h >= 0], t) for h, t in zip(self.data.train.history,
-                                                            self.data.train.target)]
+      self._note_fit("sasrec", train.user)
+      sequences = [np.append(h[h >= 0], t) for h, t in zip(train.history, train.target)]
       model = baselines_lib.train_sasrec(sequences, n, steps=int(self.config.eval.sasrec_steps),
-                                         seed=self.seed, max_len=self.data.train.history.shape[1])
+                                         seed=self.seed, max_len=train.history.shape[1])
       histories = [h[h >= 0] for h in users.history]
-      out["sasrec"] = _metrics_from_scores(baselines_lib.sasrec_scores(model, histories), users,
-                                           ks)
-    if "history" in names and users.prompt_text and self.data.train.prompt_text:
-      out["history"] = self.history_baseline(users, ks)
+      out["sasrec"] = _ranks_from_scores(baselines_lib.sasrec_scores(model, histories), users)
+    if "history" in names and users.prompt_text and train.prompt_text:
+      out["history"] = self.history_baseline(users)
     return out
 
-  def history_baseline(self, users: UserSplit, ks) -> dict[str, float]:
-    """Raw prompts as queries, embedded by a copy of the decoder fine-tuned on them.
+  def history_baseline(self, users: UserSplit) -> np.ndarray:
+    """The raw-history baseline (the authors' recipe): target ranks of `users`.
 
-    The copy starts from the current decoder weights and runs
-    ``eval.history_baseline_steps`` InfoNCE steps on (train prompt, target item)
-    pairs; the decoder of the run itself is left untouched.
+    Queries are the history blocks without chat wrapper or instruction, left-padded
+    to ``baselines.history_pad_len`` decoder tokens with the last
+    ``baselines.history_max_len`` kept. A copy of the decoder as it is now (before
+    training: the fresh decoder) runs ``history_rounds x history_steps`` InfoNCE
+    steps on (train query, target) pairs at ``history_lr``, in batches of
+    ``history_batch_size``; the decoder of the run itself is left untouched.
     """
-    max_len = int(self.config.data.decoder_max_len)
+    from langptune_jax.rec import baselines as baselines_lib  # pylint: disable=g-import-not-at-top
+    bl = self.config.baselines
+    instruction = prompts_lib.resolve_instruction(self.config.data)
 
     def tokens_of(split: UserSplit):
-      return embedder_lib.tokenize_texts(self.decoder_tokenizer, split.prompt_text, max_len)
+      texts = [prompts_lib.history_text(p, instruction, self.encoder_tokenizer)
+               for p in split.prompt_text]
+      return baselines_lib.history_query_tokens(
+          self.decoder_tokenizer, texts, int(bl.history_pad_len), int(bl.history_max_len))
 
+    train = self.data.train
+    dp = parallel.data_parallel_size(self.mesh, self.rules)
+    batch_size = min(int(bl.history_batch_size), len(train))
+    batch_size -= batch_size % dp
+    opt = ml_collections.ConfigDict(self.config.cl.to_dict())
+    opt.lr, opt.negatives = float(bl.history_lr), "global"  # one InfoNCE batch per step
+    if opt.micro_batch_size and batch_size % int(opt.micro_batch_size):
+      opt.micro_batch_size = 0
+    total = int(bl.history_rounds) * int(bl.history_steps)
     graphdef, params = nnx.split(self.decoder_state.model)
     model = nnx.merge(graphdef, jax.tree.map(jnp.copy, params))  # the CL step donates its state
-    copy, step = make_cl_training(model, self.decoder_state.wrt, self.config.cl, 1, self.mesh,
+    copy, step = make_cl_training(model, self.decoder_state.wrt, opt, max(total, 1), self.mesh,
                                   self.rules)
-    train = self.data.train
     q_tokens, q_mask = tokens_of(train)
-    batch_size = min(int(self.config.cl.batch_size), len(train))
-    batch_size -= batch_size % parallel.data_parallel_size(self.mesh, self.rules)
-    for i in range(int(self.config.eval.history_baseline_steps)):
-      index = _rng_for(self.seed, 20_000, i).permutation(len(train))[:batch_size]
+    for i in observability.progress(range(total), desc="history baseline: decoder", total=total):
+      index = self._batch_rows(len(train), batch_size, i, 20_000, 6)
+      self._note_fit("history", train.user[index])
       batch = {"profile_tokens": q_tokens[index], "profile_mask": q_mask[index],
                "item_tokens": self.data.item_tokens[train.target[index]],
                "item_mask": self.data.item_mask[train.target[index]],
@@ -427,9 +489,9 @@ class Trainer:
     item_emb = retrieval.embed_catalogue(embed_fn, self.data.item_tokens, self.data.item_mask,
                                          batch, mesh=self.mesh, desc="history baseline: items")
     query_emb = retrieval.embed_catalogue(embed_fn, *tokens_of(users), batch, mesh=self.mesh,
-                                          desc="history baseline: prompts")
-    ranks = retrieval.rank_users(query_emb, item_emb, users.target, users.history, mesh=self.mesh)
-    return _metrics_from_ranks(ranks, ks, self.data.num_items)
+                                          desc="history baseline: queries")
+    return np.asarray(retrieval.rank_users(query_emb, item_emb, users.target, users.history,
+                                           mesh=self.mesh))
 
   def _write_records(self, tag: str, users: UserSplit, profiles, ranks) -> None:
     path = os.path.join(self.workdir, "profiles", f"{tag}.jsonl")
@@ -495,7 +557,8 @@ class Trainer:
       return
     self.position = {"iteration": iteration, "phase": phase, "step": step}
     loop = {"position": self.position, "fingerprint": self.fingerprint,
-            "history": self.history, "curves": self.curves, "seed": self.seed}
+            "history": self.history, "curves": self.curves, "seed": self.seed,
+            "reference_ranks": self.reference_ranks, "zero_shot_texts": self.zero_shot_texts}
     profiles = ({"texts": self.profiles.texts} if self.profiles is not None else {})
     latest = self.checkpointer.latest_step()
     self.checkpointer.save(0 if latest is None else latest + 1,
@@ -519,6 +582,8 @@ class Trainer:
     self.position = dict(loop["position"])
     self.history = list(loop.get("history", []))
     self.curves = list(loop.get("curves", []))
+    self.reference_ranks = dict(loop.get("reference_ranks", {}))
+    self.zero_shot_texts = dict(loop.get("zero_shot_texts", {}))
     if profiles.get("texts"):
       tokens, mask, truncated = profiles_lib.to_decoder_inputs(
           profiles["texts"], self.decoder_tokenizer, int(self.config.data.decoder_max_len))
@@ -547,8 +612,11 @@ class Trainer:
   def _run(self) -> list[dict]:
     cfg = self.config
     resumed = bool(cfg.checkpoint.resume) and self.restore()
+    final_split = cfg.eval.get("final_split", "")
     if not resumed:
-      self.evaluate("zero_shot", baselines=True)
+      # Baselines and zero-shot profiles once per split, before any training.
+      for split in dict.fromkeys(s for s in (cfg.eval.split, final_split) if s):
+        self.evaluate("zero_shot", split=split, baselines=True)
     start = dict(self.position)
     for iteration in range(start["iteration"], int(cfg.train.num_iterations)):
       resuming_here = iteration == start["iteration"]
@@ -565,6 +633,9 @@ class Trainer:
       if (every > 0 and done % every == 0) or done == int(cfg.train.num_iterations):
         self.evaluate(f"iteration_{done}")
       self._save(done, "cl", 0)
+    if final_split and not any(e["tag"] == "final" for e in self.history):
+      self.evaluate("final", split=final_split)  # the final table
+      self._save(self.position["iteration"], "cl", 0)
     return self.history
 
   def close(self):
@@ -580,10 +651,10 @@ def _metrics_from_ranks(ranks, ks, num_items) -> dict[str, float]:
   return {k: float(v) for k, v in out.items()}
 
 
-def _metrics_from_scores(scores, users: UserSplit, ks) -> dict[str, float]:
-  ranks = metrics_lib.target_ranks(jnp.asarray(scores, jnp.float32), jnp.asarray(users.target),
-                                   jnp.asarray(users.history))
-  return _metrics_from_ranks(ranks, ks, scores.shape[1])
+def _ranks_from_scores(scores, users: UserSplit) -> np.ndarray:
+  return np.asarray(metrics_lib.target_ranks(jnp.asarray(scores, jnp.float32),
+                                             jnp.asarray(users.target),
+                                             jnp.asarray(users.history)))
 
 
 def _eos_ids(tokenizer, model) -> tuple[int, ...]:
