@@ -139,7 +139,7 @@ def get_config() -> ml_collections.ConfigDict:
   t.eval_every_iterations = 1
   t.profile_batch_size = 32  # users per batch when writing profiles for all users
   t.stop_after_steps = 0  # >0: stop (after checkpointing) once this many updates ran; resume later
-  t.cl_users = 0  # >0: each CL phase writes profiles for this many train+val users (seeded subset)
+  t.cl_users = 0  # >0: each CL phase writes profiles for this many train users (seeded subset)
 
   # --- evaluation ---
   c.eval = ev = ml_collections.ConfigDict()

@@ -97,7 +97,8 @@ COMMANDS: dict[str, Command] = {
                      "alternate CL (decoder) and RL (encoder) phases; evaluate; write results.md,"
                      " plots and checkpoints (resumes from the work dir)", require_data=True),
     "evaluate": Command("langptune_jax.train.commands:evaluate",
-                        "score the latest checkpoint (profiles + baselines) on eval.split"),
+                        "score the latest checkpoint (profiles + baselines) on "
+                        "eval.final_split"),
     "export": Command("langptune_jax.train.commands:export",
                       "write the trained encoder (LoRA merged) and decoder as HF directories"),
     "plan": Command("langptune_jax.plan:run",
@@ -131,6 +132,7 @@ def usage() -> str:
       "  --config=PATH               config file (configs/tiny.py, configs/demo.py, ...)",
       "  --config.rl.lr=1e-6         override any config field (repeatable)",
       "  --workdir=DIR               run directory (default: config.workdir or ./runs/<config>)",
+      "  --split=val|test            evaluate: the split to score (default: eval.final_split)",
       "  --traceback                 full tracebacks instead of one-line errors",
       "  --helpfull                  every flag, including absl's",
       "",
