@@ -39,6 +39,15 @@ def get_config() -> ml_collections.ConfigDict:
   d.max_users = 0  # 0: all; >0 keeps the first N users (demos, smoke runs)
   d.num_workers = 0  # grain worker processes (0: in-process)
   d.scan_workers = 0  # processes for the first reviews pass (0: by file size and CPUs)
+  # The authors' protocol by default; each alternative is a deliberate change.
+  d.catalogue = "train_items"  # train_items (items of training interactions) | all_items
+  d.keep_duplicate_reviews = True  # False: keep only the earliest of repeated (user, item)
+  # authors: item-length and prompt-length users removed together after the k-core, then one
+  # k-core; iterative: item length -> k-core -> prompt length -> k-core until stable
+  d.filter_order = "authors"  # authors | iterative
+  # authors: Gemma prompts end "<start_of_turn>model" (no newline), content untrimmed;
+  # trimmed: the tokenizer's own chat template (trailing newline, content trimmed)
+  d.prompt_ending = "authors"  # authors | trimmed
 
   # --- profile encoder (LLM) ---
   c.encoder = e = ml_collections.ConfigDict()
@@ -51,6 +60,8 @@ def get_config() -> ml_collections.ConfigDict:
   e.remat = "none"  # none | full | dots (activation checkpointing of each block)
   e.cache_size = 0  # KV cache length; 0: prompt_max_len + response_length
   e.preset = ""  # model shape without weights for `plan` (e.g. gemma-2b-it); "": from path
+  # LoRA A init. peft: kaiming-uniform a=sqrt(5), bound 1/sqrt(fan_in); he_uniform: sqrt(6/fan_in)
+  e.lora_init = "peft"  # peft | he_uniform
 
   # --- recommender decoder (text embedder) ---
   c.decoder = r = ml_collections.ConfigDict()
@@ -78,7 +89,9 @@ def get_config() -> ml_collections.ConfigDict:
   rl.lr = 1e-7
   rl.lr_schedule = "constant"  # constant | linear | cosine
   rl.warmup_steps = 0
-  rl.weight_decay = 0.0
+  rl.weight_decay = 0.01  # torch AdamW default (Gemma); Llama 1e-6
+  rl.adam_b1 = 0.9
+  rl.adam_b2 = 0.999  # Llama 0.95
   rl.adam_eps = 1e-6
   rl.max_grad_norm = 0.0  # 0: no clipping
   rl.num_lm_updates = 200  # RLSO updates per iteration
@@ -89,6 +102,7 @@ def get_config() -> ml_collections.ConfigDict:
   rl.eta = 1.0
   rl.kl_coef = 0.2
   rl.whiten_rewards = True
+  rl.whiten_chunk = 32  # whiten within consecutive chunks of this many rewards (per-GPU); 0: all
   rl.reward_type = "ndcg"  # ndcg | mrr
   rl.penalty_reward = 0.0
   rl.response_length = 512
@@ -102,11 +116,20 @@ def get_config() -> ml_collections.ConfigDict:
   cl.lr = 1e-7
   cl.lr_schedule = "constant"
   cl.warmup_steps = 0
-  cl.weight_decay = 0.0
+  cl.weight_decay = 0.01
+  cl.adam_b1 = 0.9
+  cl.adam_b2 = 0.999
   cl.adam_eps = 1e-6
   cl.max_grad_norm = 0.0
-  cl.num_emb_updates = 800
-  cl.batch_size = 128  # global: 32 per device x 4 devices
+  # Optimizer steps. The authors' 800 "emb updates" are micro-batch calls with gradient
+  # accumulation 16 on 4 GPUs: 50 optimizer steps of 16 x 4 x 32 = 2,048 pairs.
+  cl.num_emb_updates = 50
+  cl.batch_size = 2048  # pairs per optimizer step
+  # group: each consecutive group of cl.group_size pairs is its own InfoNCE batch (the authors'
+  # per-GPU micro-batch); global: every other target of the whole batch is a negative
+  cl.negatives = "group"  # group | global
+  cl.group_size = 32
+  cl.dedupe_negatives = False  # True: a repeated target is not used as its own negative
   cl.micro_batch_size = 0
   cl.temperature = 0.1
 
@@ -116,20 +139,36 @@ def get_config() -> ml_collections.ConfigDict:
   t.eval_every_iterations = 1
   t.profile_batch_size = 32  # users per batch when writing profiles for all users
   t.stop_after_steps = 0  # >0: stop (after checkpointing) once this many updates ran; resume later
-  t.cl_users = 0  # >0: each CL phase writes profiles for this many train+val users (seeded subset)
+  t.cl_users = 0  # >0: each CL phase writes profiles for this many train users (seeded subset)
 
   # --- evaluation ---
   c.eval = ev = ml_collections.ConfigDict()
   ev.ks = (5, 10, 20)
-  ev.split = "val"
+  ev.split = "val"  # during training (model selection)
+  ev.final_split = "test"  # the final table
+  ev.bootstrap_samples = 1000  # resamples of users for the confidence intervals
+  ev.confidence = 0.95
+  ev.temperature = 1.0  # profile sampling temperature at evaluation
   ev.max_users = 0  # 0: the whole split
-  ev.greedy = False  # profiles for evaluation: sampled at rl.temperature, or greedy
+  ev.greedy = False  # profiles for evaluation: sampled at eval.temperature, or greedy
   # reference_query: the last history item's text as the query; history: the raw prompt
   # embedded by a copy of the decoder fine-tuned on (prompt, target) pairs; popularity;
   # random; sasrec: a self-attentive sequential recommender on the same splits.
   ev.baselines = ("reference_query", "history", "popularity", "random", "sasrec")
-  ev.history_baseline_steps = 100  # InfoNCE steps of the `history` baseline's decoder
   ev.sasrec_steps = 1000
+
+  # --- baselines: the raw-history baseline, the authors' recipe ---
+  # History text without chat wrapper or instruction, left-padded to history_pad_len decoder
+  # tokens and the last history_max_len kept; a fresh copy of the decoder trained for
+  # history_rounds x history_steps InfoNCE steps on train users (the decoder's own negatives
+  # setting applies).
+  c.baselines = bl = ml_collections.ConfigDict()
+  bl.history_pad_len = 1024
+  bl.history_max_len = 512
+  bl.history_lr = 3e-6
+  bl.history_batch_size = 64
+  bl.history_rounds = 10
+  bl.history_steps = 200
 
   # --- device mesh ---
   c.mesh = m = ml_collections.ConfigDict()

@@ -44,13 +44,19 @@ def get_config():
   c.cl.lr = 1e-4
   c.cl.num_emb_updates = 2
   c.cl.batch_size = 8
+  # Tests vary cl.batch_size freely; global negatives keep any even batch valid.
+  c.cl.negatives = "global"
 
   c.train.num_iterations = 1
   c.train.profile_batch_size = 8
 
   c.eval.ks = (1, 5, 10)
   c.eval.max_users = 16
-  c.eval.history_baseline_steps = 2
+  c.baselines.history_pad_len = 48  # a few steps on short texts keep the baseline cheap
+  c.baselines.history_max_len = 32
+  c.baselines.history_batch_size = 8
+  c.baselines.history_rounds = 1
+  c.baselines.history_steps = 2
   c.eval.sasrec_steps = 20
 
   c.mesh.data = -1

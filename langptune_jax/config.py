@@ -30,6 +30,12 @@ REWARD_TYPES = ("ndcg", "mrr")
 DATA_SOURCES = ("amazon", "movielens")
 DOMAINS = ("movies_tv", "books", "movielens")
 EVAL_SPLITS = ("val", "test")
+# The authors' protocol first; the second value is the deliberate alternative.
+CATALOGUES = ("train_items", "all_items")
+FILTER_ORDERS = ("authors", "iterative")
+PROMPT_ENDINGS = ("authors", "trimmed")
+LORA_INITS = ("peft", "he_uniform")
+CL_NEGATIVES = ("group", "global")
 # Baselines of design §6; the evaluation module owns their implementations.
 BASELINES = ("reference_query", "zero_shot", "history", "popularity", "random", "sasrec")
 
@@ -292,6 +298,10 @@ def _validate_data(c: _Checker, require_data: bool) -> None:
   c.integer("data.max_users", lo=0, rule="must be >= 0 (0: all users)")
   c.integer("data.num_workers", lo=0)
   c.integer("data.scan_workers", lo=0)
+  c.string("data.catalogue", CATALOGUES)
+  c.boolean("data.keep_duplicate_reviews")
+  c.string("data.filter_order", FILTER_ORDERS)
+  c.string("data.prompt_ending", PROMPT_ENDINGS)
 
 
 def _validate_models(c: _Checker) -> None:
@@ -307,6 +317,7 @@ def _validate_models(c: _Checker) -> None:
     c.rule(unfrozen >= 1, "encoder.num_layers_unfrozen", unfrozen,
            "must be >= 1 when encoder.training='partial'")
   c.string("encoder.remat", REMAT_MODES)
+  c.string("encoder.lora_init", LORA_INITS)
   cache = c.integer("encoder.cache_size", lo=0, rule="must be >= 0 (0: prompt + response)")
   prompt, response = c.get("data.prompt_max_len"), c.get("rl.response_length")
   if _ok(cache, prompt, response) and cache > 0 and all(
@@ -369,6 +380,8 @@ def _validate_optimizer(c: _Checker, section: str) -> None:
   c.string(f"{section}.lr_schedule", LR_SCHEDULES)
   c.integer(f"{section}.warmup_steps", lo=0)
   c.number(f"{section}.weight_decay", lo=0)
+  c.number(f"{section}.adam_b1", lo=0, hi=1, hi_open=True)
+  c.number(f"{section}.adam_b2", lo=0, hi=1, hi_open=True)
   c.number(f"{section}.adam_eps", lo=0, lo_open=True)
   c.number(f"{section}.max_grad_norm", lo=0, rule="must be >= 0 (0: no clipping)")
 
@@ -403,7 +416,12 @@ def _validate_rl(c: _Checker, dp: int | None) -> None:
   c.integer("rl.num_ppo_epochs", lo=1)
   c.number("rl.eta", lo=0, lo_open=True)
   c.number("rl.kl_coef", lo=0)
-  c.boolean("rl.whiten_rewards")
+  whiten = c.boolean("rl.whiten_rewards")
+  chunk = c.integer("rl.whiten_chunk", lo=0, rule="must be >= 0 (0: the whole batch)")
+  if whiten is True and _ok(chunk, prompts, gens) and 0 < chunk < prompts * gens:
+    c.rule(chunk % gens == 0 and (prompts * gens) % chunk == 0, "rl.whiten_chunk", chunk,
+           f"must be a multiple of rl.num_generations={gens} that divides the "
+           f"{prompts * gens} rewards of an update (or >= them, or 0: one chunk)")
   c.string("rl.reward_type", REWARD_TYPES)
   c.number("rl.penalty_reward")
   c.integer("rl.response_length", lo=1)
@@ -419,6 +437,12 @@ def _validate_cl(c: _Checker, dp: int | None) -> None:
   batch = c.integer("cl.batch_size", lo=2, rule="must be >= 2 (in-batch negatives)")
   _check_batch(c, "cl.batch_size", batch, "cl.micro_batch_size", dp)
   c.number("cl.temperature", lo=0, lo_open=True)
+  negatives = c.string("cl.negatives", CL_NEGATIVES)
+  group = c.integer("cl.group_size", lo=2, rule="must be >= 2 (in-group negatives)")
+  if negatives == "group" and _ok(batch, group):
+    c.rule(batch % group == 0, "cl.batch_size", batch,
+           f"must be a multiple of cl.group_size={group} with cl.negatives='group'")
+  c.boolean("cl.dedupe_negatives")
 
 
 def _validate_schedule_and_eval(c: _Checker) -> None:
@@ -426,7 +450,7 @@ def _validate_schedule_and_eval(c: _Checker) -> None:
   c.integer("train.eval_every_iterations", lo=0, rule="must be >= 0 (0: no evaluation)")
   c.integer("train.profile_batch_size", lo=1)
   c.integer("train.stop_after_steps", lo=0, rule="must be >= 0 (0: run to the end)")
-  cl_users = c.integer("train.cl_users", lo=0, rule="must be >= 0 (0: every train+val user)")
+  cl_users = c.integer("train.cl_users", lo=0, rule="must be >= 0 (0: every train user)")
   batch = c.get("cl.batch_size")
   if cl_users is not _MISSING and cl_users > 0 and isinstance(batch, int):
     c.rule(cl_users >= batch, "train.cl_users", cl_users,
@@ -434,6 +458,19 @@ def _validate_schedule_and_eval(c: _Checker) -> None:
   c.sequence("eval.ks", lambda k: isinstance(k, int) and not isinstance(k, bool) and k >= 1,
              "each k must be a positive integer")
   c.string("eval.split", EVAL_SPLITS)
+  c.string("eval.final_split", EVAL_SPLITS)
+  c.integer("eval.bootstrap_samples", lo=0, rule="must be >= 0 (0: no confidence intervals)")
+  c.number("eval.confidence", lo=0, hi=1, lo_open=True, hi_open=True)
+  c.number("eval.temperature", lo=0, lo_open=True)
+  pad = c.integer("baselines.history_pad_len", lo=2)
+  keep = c.integer("baselines.history_max_len", lo=2)
+  if _ok(pad, keep):
+    c.rule(keep <= pad, "baselines.history_max_len", keep,
+           f"must be <= baselines.history_pad_len={pad} (the last tokens of the padded text)")
+  c.number("baselines.history_lr", lo=0, lo_open=True)
+  c.integer("baselines.history_batch_size", lo=2, rule="must be >= 2 (in-batch negatives)")
+  c.integer("baselines.history_rounds", lo=0)
+  c.integer("baselines.history_steps", lo=0)
   c.integer("eval.max_users", lo=0, rule="must be >= 0 (0: the whole split)")
   c.boolean("eval.greedy")
   c.sequence("eval.baselines", lambda b: b in BASELINES,

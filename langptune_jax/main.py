@@ -36,6 +36,9 @@ def _define_flags() -> None:
       "config", None, "Config file defining get_config() (configs/*.py), optionally PATH:ARG.")
   _FLAGS["workdir"] = flags.DEFINE_string(
       "workdir", None, "Run directory (default: config.workdir, else ./runs/<config name>).")
+  _FLAGS["split"] = flags.DEFINE_enum(
+      "split", None, ["val", "test"],
+      "evaluate: the split to score (default: config.eval.final_split).")
   _FLAGS["traceback"] = flags.DEFINE_bool(
       "traceback", False, "Show full tracebacks instead of one-line errors.")
   _FLAGS["overwrite"] = flags.DEFINE_bool(
@@ -97,7 +100,8 @@ COMMANDS: dict[str, Command] = {
                      "alternate CL (decoder) and RL (encoder) phases; evaluate; write results.md,"
                      " plots and checkpoints (resumes from the work dir)", require_data=True),
     "evaluate": Command("langptune_jax.train.commands:evaluate",
-                        "score the latest checkpoint (profiles + baselines) on eval.split"),
+                        "score the latest checkpoint (profiles + baselines) on "
+                        "eval.final_split"),
     "export": Command("langptune_jax.train.commands:export",
                       "write the trained encoder (LoRA merged) and decoder as HF directories"),
     "plan": Command("langptune_jax.plan:run",
@@ -133,6 +137,7 @@ def usage() -> str:
       "  --config=PATH               config file (configs/tiny.py, configs/demo.py, ...)",
       "  --config.rl.lr=1e-6         override any config field (repeatable)",
       "  --workdir=DIR               run directory (default: config.workdir or ./runs/<config>)",
+      "  --split=val|test            evaluate: the split to score (default: eval.final_split)",
       "  --traceback                 full tracebacks instead of one-line errors",
       "  --overwrite                 export: replace a non-empty export folder",
       "  --helpfull                  every flag, including absl's",
@@ -220,6 +225,8 @@ def _prepare(command: Command):
   if config is None:
     _fail("--config=PATH is required (e.g. --config=configs/tiny.py)")
   _maybe_initialize_distributed(config)
+  if _FLAGS["split"].value is not None:
+    config.eval.final_split = _FLAGS["split"].value
   config_lib.validate(config, require_data=command.require_data)
   config_path = _config_path(sys.argv)
   workdir = config_lib.resolve_workdir(config, _FLAGS["workdir"].value, config_path)

@@ -26,8 +26,13 @@ import pathlib
 import random
 
 COMMONS = [f"C{i}" for i in range(8)]
+# The hand-computed outcomes below follow the alternative protocol (iterative filters,
+# duplicates dropped, every item in the catalogue); tests/test_data_protocol.py checks
+# the authors' protocol (the config default) on the same files.
+ALTERNATIVE_PROTOCOL = dict(filter_order="iterative", keep_duplicate_reviews=False,
+                            catalogue="all_items")
 SMALL_CFG = dict(k_core=3, history_len=3, min_test_interactions=4, test_fraction=0.25,
-                 decoder_max_len=64, prompt_max_len=512, max_users=0)
+                 decoder_max_len=64, prompt_max_len=512, max_users=0, **ALTERNATIVE_PROTOCOL)
 
 EXPECTED = {
     "train": ["R00", "R01", "R02", "R03", "R04", "R05", "R06", "R07", "R08", "R09", "R10",

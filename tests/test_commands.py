@@ -91,8 +91,9 @@ def test_cl_phase_trains_on_train_cl_users_profiles(trained):
 def test_resumed_run_finishes_with_both_evaluations(trained):
   _, workdir, _ = trained
   results = json.loads((workdir / "results.json").read_text())
-  assert [e["tag"] for e in results["evaluations"]][0] == "zero_shot"
-  assert len(results["evaluations"]) == 2
+  assert [(e["tag"], e["split"]) for e in results["evaluations"]] == [
+      ("zero_shot", "val"), ("zero_shot", "test"), ("iteration_1", "val"), ("final", "test")]
+  assert results["split"] == "test" and results["intervals"]
   assert (workdir / "results.md").exists() and (workdir / "curves.png").exists()
 
 
@@ -100,11 +101,16 @@ def test_evaluate_reproduces_the_final_evaluation(trained, capsys):
   cfg, workdir, _ = trained
   assert commands.evaluate(cfg, str(workdir)) == 0
   final = json.loads((workdir / "results.json").read_text())["evaluations"][-1]
-  written = json.loads((workdir / "evaluate_checkpoint_iteration_1.json").read_text())
-  ours = written["evaluate_checkpoint_iteration_1"]
-  assert ours == pytest.approx(final["results"][final["tag"]], abs=1e-6)
-  assert set(written) == {"evaluate_checkpoint_iteration_1", "reference_query", "popularity"}
-  assert "evaluate_checkpoint_iteration_1" in capsys.readouterr().out
+  written = json.loads((workdir / "evaluate_checkpoint_iteration_1_test.json").read_text())
+  ours = written["results"]["evaluate_checkpoint_iteration_1_test"]
+  assert ours == pytest.approx(final["results"]["final"], abs=1e-6)
+  # Baselines and zero-shot rows are the ones kept from before training.
+  assert set(written["results"]) == {"evaluate_checkpoint_iteration_1_test", "reference_query",
+                                     "popularity", "zero_shot", "cl_only"}
+  for name in ("reference_query", "popularity", "zero_shot", "cl_only"):
+    assert written["results"][name] == pytest.approx(final["results"][name], abs=1e-6)
+  assert written["vs_zero_shot"]["evaluate_checkpoint_iteration_1_test"]
+  assert "LangPTune (evaluate checkpoint iteration 1 test)" in capsys.readouterr().out
 
 
 def test_export_matches_the_trained_models(trained):

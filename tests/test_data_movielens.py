@@ -34,7 +34,8 @@ def _kcore(rows, k):
 def built(tmp_path_factory, ml100k_dir, smollm2_gguf, minilm_dir):
   folder = tmp_path_factory.mktemp("ml")
   config = fx.make_config(smollm2_gguf, minilm_dir, folder / "dataset", source="movielens",
-                          domain="movielens", movielens_dir=str(ml100k_dir))
+                          domain="movielens", movielens_dir=str(ml100k_dir),
+                          **fx.ALTERNATIVE_PROTOCOL)
   path, stats = prepare.prepare(config)
   return path, stats
 
@@ -94,7 +95,8 @@ def test_bad_movielens_lines_are_counted(tmp_path, ml100k_dir, smollm2_gguf, min
             lines[1]]  # unknown item, bad rating, wrong columns, duplicate
   (folder / "ml-100k.inter").write_bytes(b"".join(lines))
   config = fx.make_config(smollm2_gguf, minilm_dir, tmp_path / "d", source="movielens",
-                          movielens_dir=str(folder), k_core=2, min_test_interactions=2)
+                          movielens_dir=str(folder), k_core=2, min_test_interactions=2,
+                          keep_duplicate_reviews=False)
   _, stats = prepare.prepare(config)
   assert {k: v["count"] for k, v in stats["skipped"].items()} == {
       "unknown item": 1, "unparsable rating/timestamp": 1, "wrong number of columns": 1,

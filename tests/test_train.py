@@ -270,7 +270,7 @@ def test_resume_refuses_a_checkpoint_of_another_config(straight):
 LEARNING_OVERRIDES = dict(rl__num_lm_updates=12, cl__num_emb_updates=12,
                           rl__prompts_per_update=16, rl__num_generations=4, cl__batch_size=16,
                           train__num_iterations=2, eval__split="val", eval__greedy=True,
-                          eval__history_baseline_steps=0)
+                          baselines__history_rounds=0)
 
 
 def learning_data():

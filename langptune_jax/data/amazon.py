@@ -70,8 +70,10 @@ class AmazonSource:
   """Streams one Amazon Reviews 2023 category into a `core.Source`."""
 
   def __init__(self, reviews: str, meta: str, skips: core.SkipLog, log: core.FilterLog,
-               scan_workers: int = 0):
+               scan_workers: int = 0, keep_duplicates: bool = True):
     self.reviews_path = reviews
+    # The authors keep repeated (user, item) reviews: they count toward the k-core.
+    self.keep_duplicates = keep_duplicates
     self.scan_workers = scan_workers  # reviews pass 1 processes; 0: by file size and CPUs
     self.meta_path = meta
     self.skips = skips
@@ -164,6 +166,8 @@ class AmazonSource:
       raise DataError(f"no usable reviews in {self.reviews_path} ({n} lines; "
                       f"skipped: {self.skips.counts})")
     inter = core.Interactions.from_unsorted(*columns)
+    if self.keep_duplicates:
+      return inter
     # Duplicates: the same user reviewing the same item again; the earliest stays.
     return core.drop_duplicates(inter, self.skips, "review: duplicate (user, item)", name)
 
@@ -242,7 +246,8 @@ def _rating(value: float) -> Any:
 def load(cfg: Any, skips: core.SkipLog, log: core.FilterLog) -> core.Source:
   """Reads an Amazon category into a `core.Source` (design §2 steps 1-2)."""
   src = AmazonSource(cfg.get("reviews", ""), cfg.get("meta", ""), skips, log,
-                     scan_workers=int(cfg.get("scan_workers", 0)))
+                     scan_workers=int(cfg.get("scan_workers", 0)),
+                     keep_duplicates=bool(cfg.get("keep_duplicate_reviews", True)))
   for field, path in (("data.reviews", src.reviews_path), ("data.meta", src.meta_path)):
     if not path or not pathlib.Path(path).expanduser().is_file():
       raise DataError(f"{field} file not found: {path or '(empty)'}")

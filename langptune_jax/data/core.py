@@ -5,9 +5,12 @@ Both sources (Amazon Reviews 2023, MovieLens) reduce their raw files to an
 `ref` is the record's position in its file (the tie-breaker that makes the time
 order total). From there `build_splits` runs design §2 steps 3-6 identically:
 
-  item text length filter -> prompt length filter + k-core (until stable)
-  -> 80/20 user split by first interaction -> test items unseen in training
-  -> test users with too few interactions -> history/target -> val/test halving.
+  length filters (data.filter_order: "authors" removes item-length and
+  prompt-length users together, then one k-core; "iterative" alternates them
+  with k-cores until stable) -> 80/20 user split by first interaction -> test
+  items unseen in training -> test users with too few interactions ->
+  history/target -> val/test halving. The catalogue (data.catalogue) is the
+  items of training interactions (the authors') or every item left.
 
 Every filter is recorded in a `FilterLog` (users/items/interactions before and
 after); a filter that leaves nothing raises `DataError` naming the filter and
@@ -206,8 +209,10 @@ class Prepared:
 class _PromptCache:
   """Prompt text and encoder ids per history (tuple of refs), built in batches."""
 
-  def __init__(self, source: Source, instruction: str, enc_tok, desc: str):
+  def __init__(self, source: Source, instruction: str, enc_tok, desc: str,
+               ending: str = "trimmed"):
     self.source = source
+    self.ending = ending
     self.instruction = instruction
     self.enc_tok = enc_tok
     self.text: dict[tuple[int, ...], str] = {}
@@ -234,7 +239,7 @@ class _PromptCache:
                                  disable=None, leave=False):
         content = prompts_lib.prompt_content(self.instruction, blocks[pos:pos + b - a])
         pos += b - a
-        texts.append(prompts_lib.wrap_chat(self.enc_tok, content))
+        texts.append(prompts_lib.wrap_chat(self.enc_tok, content, self.ending))
       # The chat template already carries BOS where the model wants one.
       start = time.perf_counter()
       ids = tok_lib.batch_encode(self.enc_tok, texts, add_special_tokens=False)
@@ -274,26 +279,42 @@ def build_splits(source: Source, cfg: Any, enc_tok, dec_tok, log: FilterLog,
   item_tokenize_seconds = time.perf_counter() - start
   long_items = np.array([i for i in item_ids_list if len(dec_ids[i]) > dec_max], np.int64)
   bad_users = np.unique(inter.user[np.isin(inter.item, long_items)])
-  before = inter.counts()
-  inter = inter.take(~np.isin(inter.user, bad_users))
-  log.record(f"item text > {dec_max} decoder tokens", before, inter.counts(),
-             "raise data.decoder_max_len", long_items=int(len(long_items)))
-  inter = apply_kcore(inter, k, log, "k-core after item length")
-
-  # Step 4: prompt length filter, then k-core, until neither removes anything.
   instruction = prompts_lib.resolve_instruction(cfg)
-  cache = _PromptCache(source, instruction, enc_tok, "prompt filter")
-  for _ in range(20):
+  cache = _PromptCache(source, instruction, enc_tok, "prompt filter",
+                       ending=cfg.get("prompt_ending", "authors"))
+  filter_order = cfg.get("filter_order", "authors")
+  if filter_order == "authors":
+    # Steps 3-4 as the authors do them: both length filters on the post-k-core table,
+    # their users removed together, then one k-core.
     lengths = cache.lengths(inter, history_len)
     long_users = np.array([u for u, n in lengths.items() if n > prompt_max], np.int64)
-    if len(long_users) == 0:
-      break
     before = inter.counts()
-    inter = inter.take(~np.isin(inter.user, long_users))
-    log.record(f"prompt > {prompt_max} encoder tokens", before, inter.counts(),
-               "raise data.prompt_max_len or lower data.history_len")
-    inter = apply_kcore(inter, k, log, "k-core after prompt length")
-  catalogue = np.unique(inter.item)
+    inter = inter.take(~np.isin(inter.user, np.union1d(bad_users, long_users)))
+    log.record(f"item text > {dec_max} decoder tokens or prompt > {prompt_max} encoder tokens",
+               before, inter.counts(), "raise data.decoder_max_len or data.prompt_max_len",
+               long_items=int(len(long_items)), long_item_users=int(len(bad_users)),
+               long_prompt_users=int(len(long_users)))
+    inter = apply_kcore(inter, k, log, "k-core after length filters")
+  elif filter_order == "iterative":
+    before = inter.counts()
+    inter = inter.take(~np.isin(inter.user, bad_users))
+    log.record(f"item text > {dec_max} decoder tokens", before, inter.counts(),
+               "raise data.decoder_max_len", long_items=int(len(long_items)))
+    inter = apply_kcore(inter, k, log, "k-core after item length")
+    # Prompt length filter, then k-core, until neither removes anything.
+    for _ in range(20):
+      lengths = cache.lengths(inter, history_len)
+      long_users = np.array([u for u, n in lengths.items() if n > prompt_max], np.int64)
+      if len(long_users) == 0:
+        break
+      before = inter.counts()
+      inter = inter.take(~np.isin(inter.user, long_users))
+      log.record(f"prompt > {prompt_max} encoder tokens", before, inter.counts(),
+                 "raise data.prompt_max_len or lower data.history_len")
+      inter = apply_kcore(inter, k, log, "k-core after prompt length")
+  else:
+    raise ValueError(f"data.filter_order={filter_order!r}: expected authors or iterative")
+  all_items = np.unique(inter.item)
 
   # Step 5: users split by order of first interaction.
   order = users_by_first_interaction(inter)
@@ -305,6 +326,11 @@ def build_splits(source: Source, cfg: Any, enc_tok, dec_tok, log: FilterLog,
                     "change data.test_fraction or provide more users")
   in_train = np.isin(inter.user, train_users)
   train_items = np.unique(inter.item[in_train])
+  catalogue_kind = cfg.get("catalogue", "train_items")
+  if catalogue_kind not in ("train_items", "all_items"):
+    raise ValueError(f"data.catalogue={catalogue_kind!r}: expected train_items or all_items")
+  # The authors re-index items to those of training interactions: nothing else is ranked.
+  catalogue = train_items if catalogue_kind == "train_items" else all_items
   before = inter.take(~in_train).counts()
   held = inter.take(~in_train & np.isin(inter.item, train_items))
   log.record("held-out interactions on items unseen in training", before, held.counts(),

@@ -112,7 +112,8 @@ def load(cfg: Any, skips: core.SkipLog, log: core.FilterLog) -> core.Source:
   if not cols[0]:
     raise DataError(f"no usable interactions in {root / 'ml-100k.inter'}")
   inter = core.Interactions.from_unsorted(*cols)
-  inter = core.drop_duplicates(inter, skips, "duplicate (user, item)", "ml-100k.inter")
+  if not cfg.get("keep_duplicate_reviews", True):
+    inter = core.drop_duplicates(inter, skips, "duplicate (user, item)", "ml-100k.inter")
 
   before = inter.counts()
   inter = core.first_users(inter, int(cfg.get("max_users", 0)))

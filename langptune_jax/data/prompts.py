@@ -80,6 +80,27 @@ def prompt_content(instruction: str, blocks: Sequence[str]) -> str:
   return "\n\n".join([instruction, *blocks])
 
 
+def history_text(prompt: str, instruction: str, tokenizer) -> str:
+  """The history blocks of a wrapped prompt, without chat wrapper or instruction.
+
+  The raw-history baseline's query (the authors' recipe). A prompt without the
+  instruction (custom data) keeps its text; a tokenizer without a chat template
+  leaves the end as it is.
+  """
+  start = prompt.find(instruction) if instruction else -1
+  body = prompt[start + len(instruction):] if start >= 0 else prompt
+  try:
+    frame = _chat_frame(tokenizer)
+  except ValueError:
+    frame = None
+  if frame is not None:
+    for suffix in (frame[1], frame[1].rstrip("\n")):
+      if suffix and body.endswith(suffix):
+        body = body[:-len(suffix)]
+        break
+  return body.strip("\n")
+
+
 def _render_chat(tokenizer, content: str) -> str:
   if not getattr(tokenizer, "chat_template", None):
     raise ValueError(
@@ -104,9 +125,22 @@ def _chat_frame(tokenizer) -> tuple[str, str] | None:
   return prefix, suffix
 
 
-def wrap_chat(tokenizer, content: str) -> str:
-  """`content` as one user turn plus the generation prompt, in the tokenizer's template."""
+PROMPT_ENDINGS = ("authors", "trimmed")
+_GEMMA_MODEL_TURN = "<start_of_turn>model\n"
+
+
+def wrap_chat(tokenizer, content: str, ending: str = "trimmed") -> str:
+  """`content` as one user turn plus the generation prompt, in the tokenizer's template.
+
+  ending="authors" reproduces the authors' hand-written Gemma prompt: the
+  content untrimmed and no newline after ``<start_of_turn>model``. Other
+  templates are the same under both endings.
+  """
+  if ending not in PROMPT_ENDINGS:
+    raise ValueError(f"data.prompt_ending={ending!r}: expected one of {', '.join(PROMPT_ENDINGS)}")
   frame = _chat_frame(tokenizer)  # raises for a tokenizer without a chat template
+  if ending == "authors" and frame is not None and frame[1].endswith(_GEMMA_MODEL_TURN):
+    return frame[0] + content + frame[1][:-1]
   # Templates may strip the turn's content (Gemma's `| trim`): such content goes the slow way.
   if frame is None or not content or content != content.strip():
     return _render_chat(tokenizer, content)

@@ -47,9 +47,10 @@ class Linear(nnx.Module):
       y = y + self.lora(x)
     return y
 
-  def add_lora(self, *, rank: int, alpha: float, dropout: float = 0.0, rngs: nnx.Rngs):
+  def add_lora(self, *, rank: int, alpha: float, dropout: float = 0.0, init: str = "peft",
+               rngs: nnx.Rngs):
     self.lora = nnx.data(lora_lib.LoRA(self.in_features, self.out_features, rank=rank, alpha=alpha,
-                              dropout=dropout, axes=self.axes,
+                              dropout=dropout, axes=self.axes, init=init,
                               param_dtype=self.kernel.get_value().dtype, rngs=rngs))
 
 

@@ -40,18 +40,35 @@ def adapters_off():
     _STATE.enabled = previous
 
 
+LORA_INITS = ("peft", "he_uniform")
+
+
+def lora_a_bound(fan_in: int, init: str = "peft") -> float:
+  """Half-width of the uniform init of A.
+
+  peft: torch's kaiming-uniform with a=sqrt(5), i.e. 1/sqrt(fan_in) (the
+  authors' setting); he_uniform: sqrt(6/fan_in), 2.45x wider.
+  """
+  if init == "peft":
+    return 1.0 / fan_in ** 0.5
+  if init == "he_uniform":
+    return (6.0 / fan_in) ** 0.5
+  raise ValueError(f"encoder.lora_init={init!r}: expected one of {', '.join(LORA_INITS)}")
+
+
 class LoRA(nnx.Module):
   """The adapter of one linear layer: in_features -> rank -> out_features."""
 
   def __init__(self, in_features: int, out_features: int, *, rank: int, alpha: float,
                dropout: float = 0.0, axes: tuple = (None, None),
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, init: str = "peft", rngs: nnx.Rngs):
     if rank < 1:
       raise ValueError(f"lora.rank={rank}: must be >= 1")
     self.rank = rank
     self.scale = alpha / rank
-    init = jax.nn.initializers.he_uniform()  # kaiming-uniform as in common LoRA code
-    self.lora_a = nnx.LoRAParam(init(rngs.params(), (in_features, rank), param_dtype),
+    bound = lora_a_bound(in_features, init)
+    a = jax.random.uniform(rngs.params(), (in_features, rank), param_dtype, -bound, bound)
+    self.lora_a = nnx.LoRAParam(a,
                                 out_sharding=(axes[0], "lora_rank"))
     self.lora_b = nnx.LoRAParam(jnp.zeros((rank, out_features), param_dtype),
                                 out_sharding=("lora_rank", axes[1]))
@@ -118,7 +135,7 @@ def _linears(model: nnx.Module):
 
 def apply_lora(model: nnx.Module, *,
                targets: Sequence[str] = ("q", "k", "v", "o", "gate", "up", "down", "lm_head"),
-               rank: int, alpha: float, dropout: float = 0.0,
+               rank: int, alpha: float, dropout: float = 0.0, init: str = "peft",
                rngs: nnx.Rngs) -> list[str]:
   """Adds a LoRA adapter to every linear layer named by `targets`, in place.
 
@@ -131,13 +148,14 @@ def apply_lora(model: nnx.Module, *,
     raise ValueError(f"lora.targets: unknown {unknown}; expected names from {sorted(TARGET_LAYERS)}")
   if rank < 1:
     raise ValueError(f"lora.rank={rank}: must be >= 1")
+  lora_a_bound(1, init)  # rejects an unknown init before any layer changes
   wanted = {TARGET_LAYERS[t] for t in targets}
   adapted = []
   for path, linear in list(_linears(model)):
     if path and path[-1] in wanted:
       if linear.lora is not None:
         raise ValueError(f"apply_lora: {'/'.join(map(str, path))} already has an adapter")
-      linear.add_lora(rank=rank, alpha=alpha, dropout=dropout, rngs=rngs)
+      linear.add_lora(rank=rank, alpha=alpha, dropout=dropout, init=init, rngs=rngs)
       adapted.append("/".join(map(str, path)))
   if "lm_head" in targets and not any(p == "lm_head" for p in adapted):
     if not hasattr(model, "head_lora"):
@@ -149,7 +167,8 @@ def apply_lora(model: nnx.Module, *,
     vocab, embed_dim = table.get_value().shape
     model.head_lora = nnx.data(LoRA(embed_dim, vocab, rank=rank, alpha=alpha, dropout=dropout,
                                     axes=("embed", "vocab"),
-                                    param_dtype=table.get_value().dtype, rngs=rngs))
+                                    param_dtype=table.get_value().dtype, init=init,
+                                    rngs=rngs))
     adapted.append("head_lora")
   missing = {t for t in targets if t != "lm_head"
              and not any(p.endswith("/" + TARGET_LAYERS[t]) for p in adapted)}

@@ -27,9 +27,33 @@ from tqdm.auto import tqdm
 
 from langptune_jax import parallel
 from langptune_jax.models import layers
+from langptune_jax.weights import tokenizer as tok_lib
 
 Array = jax.Array
 PAD = 0  # token id of padding; item id i is token i + 1
+
+
+def history_query_tokens(tokenizer, texts: Sequence[str], pad_len: int, keep: int,
+                         pad_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+  """Raw-history queries as the authors tokenize them: (tokens i32[U, keep], mask).
+
+  Each text is truncated to `pad_len` tokens (the closing special token kept),
+  left-padded to `pad_len`, and the last `keep` positions are kept: a long
+  history keeps its most recent part, a short one its whole text.
+  """
+  if not 0 < keep <= pad_len:
+    raise ValueError(f"baselines.history_max_len={keep} must be in [1, history_pad_len={pad_len}]")
+  pad = tok_lib.pad_id(tokenizer) if pad_id is None else pad_id
+  tokens = np.full((len(texts), pad_len), pad, np.int32)
+  mask = np.zeros((len(texts), pad_len), np.int32)
+  for row, ids in enumerate(tok_lib.batch_encode(tokenizer, list(texts), add_special_tokens=True)):
+    ids = list(ids)
+    if len(ids) > pad_len:
+      ids = ids[:pad_len - 1] + ids[-1:]
+    if ids:
+      tokens[row, pad_len - len(ids):] = ids
+      mask[row, pad_len - len(ids):] = 1
+  return tokens[:, pad_len - keep:], mask[:, pad_len - keep:]
 
 
 def item_counts(item_ids: np.ndarray | Sequence[int], num_items: int) -> np.ndarray:

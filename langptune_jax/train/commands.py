@@ -118,18 +118,28 @@ def train(config, workdir) -> int:
 
 
 def evaluate(config, workdir) -> int:
-  """Scores the latest checkpoint in `workdir` (or the untrained models) on eval.split."""
+  """Scores the latest checkpoint in `workdir` (or the untrained models) on eval.final_split.
+
+  Baselines and zero-shot profiles are the ones kept in the checkpoint (computed
+  before training); without them they are computed now.
+  """
   trainer = build_trainer(config, workdir)
+  split = config.eval.final_split
   try:
     restored = trainer.restore()
     tag = (f"checkpoint_iteration_{trainer.position.iteration}" if restored
            else "untrained")
-    results = trainer.evaluate(f"evaluate_{tag}", baselines=True)
-    path = os.path.join(workdir, f"evaluate_{tag}.json")
+    if split not in trainer.zero_shot_texts:
+      trainer.evaluate("zero_shot", split=split, baselines=True, write_records=False)
+    trainer.evaluate(f"evaluate_{tag}_{split}", split=split,
+                     baselines=not trainer.reference_ranks.get(split))
+    entry = trainer.history[-1]
+    path = os.path.join(workdir, f"evaluate_{tag}_{split}.json")
     with open(path + ".tmp", "w") as f:
-      json.dump(results, f, indent=2)
+      json.dump(entry, f, indent=2)
     os.replace(path + ".tmp", path)
-    print(report.results_table(results, tuple(int(k) for k in config.eval.ks)))
+    print(report.results_table(report.method_rows([entry]), tuple(int(k) for k in config.eval.ks),
+                               report.entry_intervals(entry)))
     print(f"\nwritten: {path}")
   finally:
     trainer.close()

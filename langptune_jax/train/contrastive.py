@@ -2,7 +2,9 @@
 
 A batch pairs each user's current profile with the text of the item the user
 chose next. Both sides are embedded by the decoder, L2-normalised, and scored
-against each other; every other target in the *global* batch is a negative.
+against each other. With ``cl.negatives="group"`` (the authors' protocol) each
+consecutive group of ``cl.group_size`` pairs is its own InfoNCE batch; with
+"global" every other target in the *global* batch is a negative.
 
 With micro-batches the negatives are not shrunk: the step first embeds the
 whole batch without gradients, takes the loss gradient with respect to the
@@ -33,7 +35,8 @@ def _embed(graphdef, trainable, rest, tokens, mask):
 
 
 def cl_loss_and_grads(model: embedder_lib.Embedder, wrt, batch: dict, *, temperature: float,
-                      micro_batch_size: int = 0):
+                      micro_batch_size: int = 0, group_size: int = 0,
+                      dedupe_negatives: bool = False):
   """InfoNCE loss, metrics and gradients (of the `wrt` parameters) for one batch."""
   graphdef, trainable, rest = nnx.split(model, wrt, ...)
   embed = functools.partial(_embed, graphdef)
@@ -41,8 +44,9 @@ def cl_loss_and_grads(model: embedder_lib.Embedder, wrt, batch: dict, *, tempera
   num_micro = 1 if micro_batch_size <= 0 else batch_size // micro_batch_size
 
   def loss_from_embeddings(q, k):
-    # Two users with the same target must not serve as each other's negatives.
-    return losses.info_nce(q, k, temperature, key_ids=batch["item_ids"])
+    # With dedupe, two users with the same target do not serve as each other's negatives.
+    return losses.info_nce(q, k, temperature, group_size=group_size,
+                           key_ids=batch["item_ids"] if dedupe_negatives else None)
 
   if num_micro == 1:
     def loss_fn(params):
@@ -91,7 +95,8 @@ def cl_loss_and_grads(model: embedder_lib.Embedder, wrt, batch: dict, *, tempera
 
 
 def make_cl_step(train_state: state_lib.TrainState, mesh, *, temperature: float,
-                 micro_batch_size: int = 0, rules=parallel.DEFAULT_RULES):
+                 micro_batch_size: int = 0, group_size: int = 0, dedupe_negatives: bool = False,
+                 rules=parallel.DEFAULT_RULES):
   """The jitted CL update: ``step(state, batch) -> (state, metrics)``."""
   wrt = train_state.wrt
   graphdef = train_state.graphdef
@@ -100,7 +105,8 @@ def make_cl_step(train_state: state_lib.TrainState, mesh, *, temperature: float,
     with parallel.use_mesh(mesh, rules):
       model, optimizer = nnx.merge(graphdef, state)
       loss, metrics, grads = cl_loss_and_grads(
-          model, wrt, batch, temperature=temperature, micro_batch_size=micro_batch_size)
+          model, wrt, batch, temperature=temperature, micro_batch_size=micro_batch_size,
+          group_size=group_size, dedupe_negatives=dedupe_negatives)
       optimizer.update(model, grads)
       metrics = dict(metrics, loss=loss, grad_norm=_global_norm(grads))
       return nnx.state((model, optimizer)), metrics

@@ -15,13 +15,15 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 
-from langptune_jax import parallel
-from langptune_jax.models import embedder as embedder_lib
+from langptune_jax import observability, parallel
+from langptune_jax.data import prompts as prompts_lib
 from langptune_jax.rec import metrics as metrics_lib
 from langptune_jax.rec import retrieval
+from langptune_jax.rec import stats as stats_lib
 from langptune_jax.train import batches, setup
 from langptune_jax.train import profiles as profiles_lib
 from langptune_jax.train import state as state_lib
@@ -38,15 +40,21 @@ def metrics_from_ranks(ranks, ks, num_items) -> dict[str, float]:
   return {k: float(v) for k, v in out.items()}
 
 
-def metrics_from_scores(scores, users: UserSplit, ks) -> dict[str, float]:
-  ranks = metrics_lib.target_ranks(jnp.asarray(scores, jnp.float32), jnp.asarray(users.target),
-                                   jnp.asarray(users.history))
-  return metrics_from_ranks(ranks, ks, scores.shape[1])
+def ranks_from_scores(scores, users: UserSplit) -> np.ndarray:
+  return np.asarray(metrics_lib.target_ranks(jnp.asarray(scores, jnp.float32),
+                                             jnp.asarray(users.target),
+                                             jnp.asarray(users.history)))
 
 
 @dataclasses.dataclass
 class Evaluator:
-  """Scores profiles (and baselines) of one split; writes per-user records."""
+  """Scores profiles (and baselines) of one split; writes per-user records.
+
+  Keeps, per split, the zero-shot profile texts and the target ranks of every row
+  computed once before training (zero-shot profiles and baselines), so later
+  evaluations add the "CL only" row and compare against them; and the users every
+  baseline fit has seen (`note_fit`, the leakage check).
+  """
 
   config: object
   data: RunData
@@ -57,83 +65,135 @@ class Evaluator:
   decoder_tokenizer: object
   mesh: object
   rules: object = parallel.DEFAULT_RULES
+  encoder_tokenizer: object = None
+  sampling: object = None  # profile-writing settings at evaluation (eval.temperature)
+  note_fit: Callable[[str, np.ndarray], None] = lambda name, users: None
+  reference_ranks: dict = dataclasses.field(default_factory=dict)  # split -> row -> ranks
+  zero_shot_texts: dict = dataclasses.field(default_factory=dict)  # split -> profile texts
 
   @property
   def seed(self) -> int:
     return int(self.config.seed)
 
   def evaluate(self, tag: str, key: jax.Array, *, split: str | None = None,
-               baselines: bool = False, write_records: bool = True) -> dict[str, dict]:
-    """Profiles for held-out users, ranked over the full catalogue, plus baselines."""
+               baselines: bool = False, write_records: bool = True) -> dict:
+    """Profiles for held-out users, ranked over the full catalogue, beside every reference row.
+
+    Rows of `split`: this evaluation's profiles (`tag`); the baselines (computed now when
+    `baselines`, else the ranks kept from when they ran); zero-shot profiles; and "CL only",
+    the zero-shot profiles embedded by the current decoder. Returns the history entry:
+    metrics, bootstrap intervals over users and paired differences against zero-shot.
+    """
     cfg = self.config.eval
-    users = self.data.split(split or cfg.split).head(int(cfg.max_users))
+    split = split or cfg.split
+    users = self.data.split(split).head(int(cfg.max_users))
     ks = tuple(int(k) for k in cfg.ks)
+    n = self.data.num_items
     item_emb = self.embed_texts(self.data.item_tokens, self.data.item_mask,
                                 f"{tag}: embedding items")
-    profiles = self.write_profiles(users, key, greedy=bool(cfg.greedy), desc=f"{tag}: profiles")
-    profile_emb = self.embed_texts(profiles.decoder_tokens, profiles.decoder_mask,
-                                   f"{tag}: embedding profiles")
-    ranks = retrieval.rank_users(profile_emb, item_emb, users.target, users.history,
-                                 mesh=self.mesh)
-    results = {tag: metrics_from_ranks(ranks, ks, self.data.num_items)}
+    profiles = self.write_profiles(users, key, greedy=bool(cfg.greedy), desc=f"{tag}: profiles",
+                                   settings=self.sampling)
+    ranks = {tag: self._rank_texts(profiles.decoder_tokens, profiles.decoder_mask, users,
+                                   item_emb, f"{tag}: embedding profiles")}
+    kept = self.reference_ranks.setdefault(split, {})
+    if tag == "zero_shot":
+      self.zero_shot_texts[split] = list(profiles.texts)
+      kept["zero_shot"] = ranks[tag].tolist()
+    elif split in self.zero_shot_texts:
+      tokens, mask, _ = profiles_lib.to_decoder_inputs(
+          self.zero_shot_texts[split], self.decoder_tokenizer,
+          int(self.config.data.decoder_max_len))
+      ranks["cl_only"] = self._rank_texts(tokens, mask, users, item_emb,
+                                          f"{tag}: embedding zero-shot profiles")
     if baselines:
-      results.update(self.baselines(users, item_emb, ks))
+      kept.update({name: r.tolist() for name, r in self.baseline_ranks(users, item_emb).items()})
+    ranks.update({name: np.asarray(r) for name, r in kept.items() if name not in ranks})
+    results = {name: metrics_from_ranks(r, ks, n) for name, r in ranks.items()}
+    summary = stats_lib.summarize_ranks(
+        ranks, ks, n, reference="zero_shot", samples=int(cfg.bootstrap_samples),
+        confidence=float(cfg.confidence), seed=self.seed)
     if write_records:
-      self.write_records(tag, users, profiles, ranks)
-    return results
+      name = tag if split == cfg.split or tag == "final" else f"{tag}_{split}"
+      self.write_records(name, users, profiles, ranks[tag])
+    return {"tag": tag, "split": split, "users": len(users), "results": results,
+            "intervals": summary.get("intervals", {}),
+            "vs_zero_shot": summary.get("vs_reference", {}),
+            "bootstrap": {k: summary[k] for k in ("samples", "confidence", "seed")
+                          if k in summary}}
 
-  def baselines(self, users: UserSplit, item_emb: np.ndarray, ks) -> dict:
+  def _rank_texts(self, tokens, mask, users: UserSplit, item_emb, desc: str) -> np.ndarray:
+    query = self.embed_texts(tokens, mask, desc)
+    return np.asarray(retrieval.rank_users(query, item_emb, users.target, users.history,
+                                           mesh=self.mesh))
+
+  def baseline_ranks(self, users: UserSplit, item_emb: np.ndarray) -> dict[str, np.ndarray]:
+    """Target ranks of each configured baseline; every fit sees train users only."""
     from langptune_jax.rec import baselines as baselines_lib  # pylint: disable=g-import-not-at-top
     out = {}
     names = tuple(self.config.eval.baselines)
     n = self.data.num_items
+    train = self.data.train
     if "reference_query" in names:
       last = users.last_history_item()
       # No history: a zero query ties every item, so the target ranks last.
       query = np.where((last >= 0)[:, None], np.asarray(item_emb)[np.maximum(last, 0)], 0.0)
-      out["reference_query"] = metrics_from_ranks(
-          retrieval.rank_users(query, item_emb, users.target, users.history, mesh=self.mesh),
-          ks, n)
+      out["reference_query"] = np.asarray(
+          retrieval.rank_users(query, item_emb, users.target, users.history, mesh=self.mesh))
     if "popularity" in names:
+      self.note_fit("popularity", train.user)  # train_item_counts reads the train split
       scores = np.asarray(baselines_lib.popularity_scores(self.data.train_item_counts(), n))
-      out["popularity"] = metrics_from_scores(np.broadcast_to(scores, (len(users), n)), users, ks)
+      out["popularity"] = ranks_from_scores(np.broadcast_to(scores, (len(users), n)), users)
     if "random" in names:
       scores = np.asarray(baselines_lib.random_scores(jax.random.key(self.seed), len(users), n))
-      out["random"] = metrics_from_scores(scores, users, ks)
+      out["random"] = ranks_from_scores(scores, users)
     if "sasrec" in names:
-      sequences = [np.append(h[h >= 0], t) for h, t in zip(self.data.train.history,
-                                                            self.data.train.target)]
+      self.note_fit("sasrec", train.user)
+      sequences = [np.append(h[h >= 0], t) for h, t in zip(train.history, train.target)]
       model = baselines_lib.train_sasrec(sequences, n, steps=int(self.config.eval.sasrec_steps),
-                                         seed=self.seed, max_len=self.data.train.history.shape[1])
+                                         seed=self.seed, max_len=train.history.shape[1])
       histories = [h[h >= 0] for h in users.history]
-      out["sasrec"] = metrics_from_scores(baselines_lib.sasrec_scores(model, histories), users, ks)
-    if "history" in names and users.prompt_text and self.data.train.prompt_text:
-      out["history"] = self.history_baseline(users, ks)
+      out["sasrec"] = ranks_from_scores(baselines_lib.sasrec_scores(model, histories), users)
+    if "history" in names and users.prompt_text and train.prompt_text:
+      out["history"] = self.history_baseline(users)
     return out
 
-  def history_baseline(self, users: UserSplit, ks) -> dict[str, float]:
-    """Raw prompts as queries, embedded by a copy of the decoder fine-tuned on them.
+  def history_baseline(self, users: UserSplit) -> np.ndarray:
+    """The raw-history baseline (the authors' recipe): target ranks of `users`.
 
-    The copy starts from the current decoder weights and runs
-    ``eval.history_baseline_steps`` InfoNCE steps on (train prompt, target item)
-    pairs; the decoder of the run itself is left untouched.
+    Queries are the history blocks without chat wrapper or instruction, left-padded
+    to ``baselines.history_pad_len`` decoder tokens with the last
+    ``baselines.history_max_len`` kept. A copy of the decoder as it is now (before
+    training: the fresh decoder) runs ``history_rounds x history_steps`` InfoNCE
+    steps on (train query, target) pairs at ``history_lr``, in batches of
+    ``history_batch_size``; the decoder of the run itself is left untouched.
     """
-    max_len = int(self.config.data.decoder_max_len)
+    from langptune_jax.rec import baselines as baselines_lib  # pylint: disable=g-import-not-at-top
+    bl = self.config.baselines
+    instruction = prompts_lib.resolve_instruction(self.config.data)
 
     def tokens_of(split: UserSplit):
-      return embedder_lib.tokenize_texts(self.decoder_tokenizer, split.prompt_text, max_len)
+      texts = [prompts_lib.history_text(p, instruction, self.encoder_tokenizer)
+               for p in split.prompt_text]
+      return baselines_lib.history_query_tokens(
+          self.decoder_tokenizer, texts, int(bl.history_pad_len), int(bl.history_max_len))
 
+    train = self.data.train
+    batch_size = min(int(bl.history_batch_size), len(train))
+    batch_size -= batch_size % parallel.data_parallel_size(self.mesh, self.rules)
+    opt = ml_collections.ConfigDict(self.config.cl.to_dict())
+    opt.lr, opt.negatives = float(bl.history_lr), "global"  # one InfoNCE batch per step
+    if opt.micro_batch_size and batch_size % int(opt.micro_batch_size):
+      opt.micro_batch_size = 0
+    total = int(bl.history_rounds) * int(bl.history_steps)
     decoder = self.decoder_state()
     graphdef, params = nnx.split(decoder.model)
     model = nnx.merge(graphdef, jax.tree.map(jnp.copy, params))  # the CL step donates its state
-    copy, step = setup.make_cl_training(model, decoder.wrt, self.config.cl, 1, self.mesh,
+    copy, step = setup.make_cl_training(model, decoder.wrt, opt, max(total, 1), self.mesh,
                                         self.rules)
-    train = self.data.train
     q_tokens, q_mask = tokens_of(train)
-    batch_size = min(int(self.config.cl.batch_size), len(train))
-    batch_size -= batch_size % parallel.data_parallel_size(self.mesh, self.rules)
-    for i in range(int(self.config.eval.history_baseline_steps)):
-      index = batches.rng_for(self.seed, 20_000, i).permutation(len(train))[:batch_size]
+    for i in observability.progress(range(total), desc="history baseline: decoder", total=total):
+      index = batches.batch_rows(self.seed, len(train), batch_size, i, 20_000, 6)
+      self.note_fit("history", train.user[index])
       batch = batches.cl_batch(q_tokens[index], q_mask[index], self.data, train.target[index])
       copy.state, _ = step(copy.state, parallel.global_batch(batch, self.mesh, self.rules))
 
@@ -143,9 +203,9 @@ class Evaluator:
     item_emb = retrieval.embed_catalogue(embed_fn, self.data.item_tokens, self.data.item_mask,
                                          size, mesh=self.mesh, desc="history baseline: items")
     query_emb = retrieval.embed_catalogue(embed_fn, *tokens_of(users), size, mesh=self.mesh,
-                                          desc="history baseline: prompts")
-    ranks = retrieval.rank_users(query_emb, item_emb, users.target, users.history, mesh=self.mesh)
-    return metrics_from_ranks(ranks, ks, self.data.num_items)
+                                          desc="history baseline: queries")
+    return np.asarray(retrieval.rank_users(query_emb, item_emb, users.target, users.history,
+                                           mesh=self.mesh))
 
   def write_records(self, tag: str, users: UserSplit, profiles, ranks) -> None:
     """One JSON line per user: prompt, profile, target and its rank."""

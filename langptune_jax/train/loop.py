@@ -19,6 +19,7 @@ to continue a run exactly. Evaluation and baselines live in
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import os
@@ -111,13 +112,17 @@ class Trainer:
     self.evaluator = evaluation.Evaluator(
         config, data, workdir, embed_texts=self.embed_texts, write_profiles=self.write_profiles,
         decoder_state=lambda: self.decoder_state, decoder_tokenizer=decoder_tokenizer,
-        mesh=self.mesh, rules=self.rules)
+        mesh=self.mesh, rules=self.rules, encoder_tokenizer=encoder_tokenizer,
+        sampling=dataclasses.replace(self.sampling, temperature=float(config.eval.temperature)),
+        note_fit=self._note_fit)
 
     self.position = LoopPosition()
-    self.profiles: profiles_lib.Profiles | None = None  # of train + val users, this iteration
+    self.profiles: profiles_lib.Profiles | None = None  # of the CL users, this iteration
     self.item_embeddings: np.ndarray | None = None
     self.history: list[dict] = []  # evaluation results, in order
     self.curves: list[dict] = []  # per-step training scalars, for the report's plots
+    # Users each training phase and baseline fit has seen, by name (the leakage check).
+    self.fitted_users: dict[str, set[int]] = collections.defaultdict(set)
     self._steps_this_run = 0  # updates since this process started (train.stop_after_steps)
     self.checkpointer = (ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                                max_to_keep=int(config.checkpoint.max_to_keep))
@@ -146,7 +151,9 @@ class Trainer:
     cfg = self.config
     resumed = bool(cfg.checkpoint.resume) and self.restore()
     if not resumed:
-      self.evaluate("zero_shot", baselines=True)
+      # Baselines and zero-shot profiles once per split, before any training.
+      for split in dict.fromkeys((cfg.eval.split, cfg.eval.final_split)):
+        self.evaluate("zero_shot", split=split, baselines=True)
     start = self.position
     for iteration in range(start.iteration, int(cfg.train.num_iterations)):
       resuming_here = iteration == start.iteration
@@ -163,15 +170,19 @@ class Trainer:
       if (every > 0 and done % every == 0) or done == int(cfg.train.num_iterations):
         self.evaluate(f"iteration_{done}")
       self._save(self.position)
+    if not any(e["tag"] == "final" for e in self.history):
+      self.evaluate("final", split=cfg.eval.final_split)  # the final table
+      self._save(self.position)
     return self.history
 
   # --- CL phase ----------------------------------------------------------------
 
   def _cl_users(self) -> UserSplit:
-    """The users whose profiles and targets the CL phase trains on: train + val."""
-    tr, va = self.data.train, self.data.val
-    return UserSplit(*(np.concatenate([getattr(tr, f), getattr(va, f)])
-                       for f in ("user", "prompt_tokens", "prompt_mask", "history", "target")))
+    """The users whose profiles and targets the CL phase trains on: train users only."""
+    return self.data.train
+
+  def _note_fit(self, name: str, users) -> None:
+    self.fitted_users[name].update(int(u) for u in np.asarray(users).reshape(-1))
 
   def cl_phase(self, iteration: int, start_step: int = 0) -> None:
     cfg = self.config.cl
@@ -185,9 +196,10 @@ class Trainer:
       self._save(LoopPosition(iteration, "cl", 0))
     batch_size = int(cfg.batch_size)
     if len(users) < batch_size:
-      raise ValueError(f"cl.batch_size={batch_size}: only {len(users)} train+val users")
+      raise ValueError(f"cl.batch_size={batch_size}: only {len(users)} train users")
     for step in self._steps("cl", iteration, start_step, int(cfg.num_emb_updates)):
       index = batch_rows(self.seed, len(users), batch_size, step, iteration, 1)
+      self._note_fit("cl", users.user[index])
       batch = cl_batch(self.profiles.decoder_tokens[index], self.profiles.decoder_mask[index],
                        self.data, users.target[index])
       batch = parallel.global_batch(batch, self.mesh, self.rules)
@@ -212,6 +224,7 @@ class Trainer:
       raise ValueError(f"rl.prompts_per_update={num_prompts}: only {len(users)} train users")
     for step in self._steps("rl", iteration, start_step, int(cfg.num_lm_updates)):
       prompts = users.take(batch_rows(self.seed, len(users), num_prompts, step, iteration, 2))
+      self._note_fit("rl", prompts.user)
       metrics = self.rlso_update(prompts, item_emb, key_for(self.seed, iteration, 3, step),
                                  rng_for(self.seed, iteration, 4, step))
       self._after_step(metrics, "rl", iteration, step)
@@ -276,10 +289,10 @@ class Trainer:
                                      desc=desc)
 
   def write_profiles(self, users: UserSplit, key: jax.Array, *, greedy: bool = False,
-                     desc: str = "writing profiles") -> profiles_lib.Profiles:
+                     desc: str = "writing profiles", settings=None) -> profiles_lib.Profiles:
     return profiles_lib.write_profiles(
         self.encoder_state.model, users.prompt_tokens, users.prompt_mask,
-        settings=self.sampling, encoder_tokenizer=self.encoder_tokenizer,
+        settings=settings or self.sampling, encoder_tokenizer=self.encoder_tokenizer,
         decoder_tokenizer=self.decoder_tokenizer,
         decoder_max_len=int(self.config.data.decoder_max_len),
         batch_size=int(self.config.train.profile_batch_size), rng=key, greedy=greedy,
@@ -290,16 +303,15 @@ class Trainer:
   def evaluate(self, tag: str, *, split: str | None = None, baselines: bool = False,
                write_records: bool = True) -> dict[str, dict[str, float]]:
     """Evaluates the models as they are now; the results join the run's history."""
-    results = self.evaluator.evaluate(tag, key_for(self.seed, 10_000, len(self.history)),
-                                      split=split, baselines=baselines,
-                                      write_records=write_records)
-    self.history.append({"tag": tag, "position": dataclasses.asdict(self.position),
-                         "results": results})
+    entry = self.evaluator.evaluate(tag, key_for(self.seed, 10_000, len(self.history)),
+                                    split=split, baselines=baselines,
+                                    write_records=write_records)
+    self.history.append(dict(entry, position=dataclasses.asdict(self.position)))
     if self.writer is not None:
-      for name, values in results.items():
+      for name, values in entry["results"].items():
         self.writer.write(self.position.global_step(self.config), values,
-                          prefix=f"eval/{name}/")
-    return results
+                          prefix=f"eval/{entry['split']}/{name}/")
+    return entry["results"]
 
   # --- bookkeeping -------------------------------------------------------------
 
@@ -335,7 +347,9 @@ class Trainer:
       return
     self.position = position
     loop = {"position": dataclasses.asdict(position), "fingerprint": self.fingerprint,
-            "history": self.history, "curves": self.curves, "seed": self.seed}
+            "history": self.history, "curves": self.curves, "seed": self.seed,
+            "reference_ranks": self.evaluator.reference_ranks,
+            "zero_shot_texts": self.evaluator.zero_shot_texts}
     profiles = ({"texts": self.profiles.texts} if self.profiles is not None else {})
     latest = self.checkpointer.latest_step()
     self.checkpointer.save(0 if latest is None else latest + 1,
@@ -361,6 +375,8 @@ class Trainer:
     self.position = LoopPosition(**loop["position"])
     self.history = list(loop.get("history", []))
     self.curves = list(loop.get("curves", []))
+    self.evaluator.reference_ranks = dict(loop.get("reference_ranks", {}))
+    self.evaluator.zero_shot_texts = dict(loop.get("zero_shot_texts", {}))
     if profiles.get("texts"):
       tokens, mask, truncated = profiles_lib.to_decoder_inputs(
           profiles["texts"], self.decoder_tokenizer, int(self.config.data.decoder_max_len))

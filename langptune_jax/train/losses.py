@@ -37,6 +37,21 @@ def whiten(x: Array, mask: Array | None = None, eps: float = 1e-8) -> Array:
   return (x - mean) * jax.lax.rsqrt(var + eps) * w
 
 
+def whiten_chunks(x: Array, chunk: int = 0, eps: float = 1e-8) -> Array:
+  """:func:`whiten` within consecutive chunks of `chunk` rows (0 or >= len: one chunk).
+
+  The authors whiten on each GPU over its own 16 prompts x 2 samples; chunks of
+  32 prompt-major rows reproduce that scope on any device count.
+  """
+  x = jnp.asarray(x, jnp.float32)
+  n = x.shape[0]
+  if chunk <= 0 or chunk >= n:
+    return whiten(x, eps=eps)
+  if n % chunk:
+    raise ValueError(f"rl.whiten_chunk={chunk} does not divide the {n} rewards of an update")
+  return jax.vmap(lambda c: whiten(c, eps=eps))(x.reshape(-1, chunk)).reshape(n)
+
+
 def kl_shaped_reward(task_reward: Array, logp_old: Array, logp_ref: Array,
                      kl_coef: float) -> tuple[Array, Array]:
   """Total reward = task_reward - kl_coef * KL, with the sequence KL estimate logp_old - logp_ref.
@@ -94,9 +109,9 @@ def group_permutation(key: Array, num_prompts: int, group_size: int) -> Array:
 
 
 def info_nce(query: Array, keys: Array, temperature: float = 0.1, ks: Sequence[int] = (1, 5),
-             valid: Array | None = None, key_ids: Array | None = None
+             valid: Array | None = None, key_ids: Array | None = None, group_size: int = 0
              ) -> tuple[Array, dict[str, Array]]:
-  """InfoNCE over the global batch: row i's positive is key i, every other key a negative.
+  """InfoNCE: row i's positive is key i, every other key of its group a negative.
 
   Both sides are L2-normalised; logits = cosine / temperature; the loss is the
   mean cross-entropy with the diagonal as label. Inside a jitted step with a
@@ -110,6 +125,9 @@ def info_nce(query: Array, keys: Array, temperature: float = 0.1, ks: Sequence[i
     valid: optional bool[B]; invalid rows are neither anchors nor negatives.
     key_ids: optional i32[B] item id of each key; another row's key with the
       same item id as the positive is not used as a negative (duplicate targets).
+    group_size: 0: the whole (global) batch is one group; G > 0: consecutive
+      groups of G rows are separate InfoNCE batches (the authors' per-device
+      micro-batch of 32 pairs). The loss is the mean over all rows either way.
 
   Returns:
     (loss, metrics) with metrics ``accuracy`` (argmax is the positive, pessimistic
@@ -127,6 +145,11 @@ def info_nce(query: Array, keys: Array, temperature: float = 0.1, ks: Sequence[i
   if key_ids is not None:
     ids = jnp.asarray(key_ids)
     drop = drop | (ids[:, None] == ids[None, :])
+  if group_size:
+    if b % group_size:
+      raise ValueError(f"InfoNCE batch of {b} rows is not a multiple of cl.group_size={group_size}")
+    group = jnp.arange(b) // group_size
+    drop = drop | (group[:, None] != group[None, :])
   logits = jnp.where(drop & ~eye, -jnp.inf, logits)
   pos = jnp.diagonal(logits)
   nll = jax.nn.logsumexp(logits, axis=-1) - pos

@@ -34,19 +34,47 @@ def _atomic_write(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+def _label(tag: str) -> str:
+  return "LangPTune" if tag == "final" else f"LangPTune ({tag.replace('_', ' ')})"
+
+
+def _ordered(entry: dict) -> list[tuple[str, str]]:
+  """(result name, display label) of one evaluation, in table order."""
+  names = entry["results"]
+  out = [(name, label) for name, label in _BASELINES if name in names]
+  out += [(name, label) for name, label in (("zero_shot", "zero-shot profiles"),
+                                            ("cl_only", "CL only (zero-shot profiles, tuned "
+                                                        "decoder)")) if name in names]
+  if entry["tag"] != "zero_shot":
+    out.append((entry["tag"], _label(entry["tag"])))
+  return out
+
+
+def final_entry(history: Sequence[dict]) -> dict | None:
+  """The evaluation the final table shows: "final" if there is one, else the last."""
+  finals = [e for e in history if e["tag"] == "final"]
+  return finals[-1] if finals else (history[-1] if history else None)
+
+
 def method_rows(history: Sequence[dict]) -> dict[str, dict[str, float]]:
-  """{method: metrics}: baselines, zero-shot profiles and the final LangPTune profiles."""
-  rows: dict[str, dict[str, float]] = {}
-  for entry in history:
-    for name, values in entry["results"].items():
-      rows[name] = values
-  evaluations = [e["tag"] for e in history if e["tag"].startswith("iteration_")]
-  ordered = {label: rows[name] for name, label in _BASELINES if name in rows}
-  if "zero_shot" in rows:
-    ordered["zero-shot profiles"] = rows["zero_shot"]
-  if evaluations:
-    ordered[f"LangPTune ({evaluations[-1].replace('_', ' ')})"] = rows[evaluations[-1]]
-  return ordered
+  """{method: metrics} of the final evaluation: baselines, zero-shot, CL only, LangPTune."""
+  entry = final_entry(history)
+  if entry is None:
+    return {}
+  if "split" not in entry:  # an evaluation history from before per-split entries
+    rows: dict[str, dict[str, float]] = {}
+    for e in history:
+      rows.update(e["results"])
+    entry = dict(entry, results=rows)
+  return {label: entry["results"][name] for name, label in _ordered(entry)}
+
+
+def entry_intervals(entry: dict | None) -> dict[str, dict[str, dict]]:
+  """{method label: {metric: {mean, lo, hi}}} of one evaluation (empty without intervals)."""
+  if not entry or not entry.get("intervals"):
+    return {}
+  return {label: entry["intervals"][name] for name, label in _ordered(entry)
+          if name in entry["intervals"]}
 
 
 def _metric_key(values: dict, metric: str, k: int) -> str:
@@ -56,7 +84,9 @@ def _metric_key(values: dict, metric: str, k: int) -> str:
   return ""
 
 
-def results_table(rows: dict[str, dict[str, float]], ks: Sequence[int]) -> str:
+def results_table(rows: dict[str, dict[str, float]], ks: Sequence[int],
+                  intervals: dict[str, dict[str, dict]] | None = None) -> str:
+  """Markdown table; with `intervals` each cell reads ``mean [lo, hi]``."""
   header = ["method"] + [f"{m}@{k}" for m in METRIC_COLUMNS for k in ks]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for name, values in rows.items():
@@ -64,8 +94,27 @@ def results_table(rows: dict[str, dict[str, float]], ks: Sequence[int]) -> str:
     for m in METRIC_COLUMNS:
       for k in ks:
         key = _metric_key(values, m, k)
-        cells.append(f"{values[key]:.4f}" if key else "-")
+        ci = (intervals or {}).get(name, {}).get(key)
+        cell = f"{values[key]:.4f}" if key else "-"
+        cells.append(f"{cell} [{ci['lo']:.4f}, {ci['hi']:.4f}]" if key and ci else cell)
     lines.append("| " + " | ".join([name] + cells) + " |")
+  return "\n".join(lines)
+
+
+def comparison_table(entry: dict | None, ks: Sequence[int]) -> str:
+  """Paired differences against zero-shot profiles: diff [lo, hi] and P(diff > 0)."""
+  if not entry or not entry.get("vs_zero_shot"):
+    return ""
+  metrics = [f"{m}@{k}" for m in ("ndcg", "recall") for k in ks]
+  header = ["method"] + [f"{m} - zero-shot" for m in metrics]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for name, label in _ordered(entry):
+    diffs = entry["vs_zero_shot"].get(name)
+    if not diffs:
+      continue
+    cells = [f"{d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] P>0={d['p_positive']:.2f}"
+             if (d := diffs.get(m)) else "-" for m in metrics]
+    lines.append("| " + " | ".join([label] + cells) + " |")
   return "\n".join(lines)
 
 
@@ -88,18 +137,27 @@ def plot_curves(curves: Sequence[dict], path: str) -> None:
   os.replace(tmp, path)
 
 
-def plot_metrics(rows: dict[str, dict[str, float]], path: str, k: int = 10) -> None:
+def plot_metrics(rows: dict[str, dict[str, float]], path: str, k: int = 10,
+                 intervals: dict[str, dict[str, dict]] | None = None) -> None:
+  """Bars of NDCG@k and Recall@k per method, with the bootstrap intervals as error bars."""
   names = list(rows)
   fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(names)), 4))
   width = 0.38
   for j, metric in enumerate(("NDCG", "Recall")):
-    values = [rows[n].get(_metric_key(rows[n], metric, k), 0.0) for n in names]
-    ax.bar([i + (j - 0.5) * width for i in range(len(names))], values, width,
-           label=f"{metric}@{k}")
+    keys = [_metric_key(rows[n], metric, k) for n in names]
+    values = [rows[n].get(key, 0.0) for n, key in zip(names, keys)]
+    errors = None
+    cis = [(intervals or {}).get(n, {}).get(key) for n, key in zip(names, keys)]
+    if intervals and all(cis):
+      errors = [[v - ci["lo"] for v, ci in zip(values, cis)],
+                [ci["hi"] - v for v, ci in zip(values, cis)]]
+    ax.bar([i + (j - 0.5) * width for i in range(len(names))], values, width, yerr=errors,
+           capsize=3, label=f"{metric}@{k}")
   ax.set_xticks(range(len(names)))
   ax.set_xticklabels(names, rotation=15, ha="right")
   ax.legend()
-  ax.set_title(f"Held-out ranking quality (@{k})")
+  ax.set_title(f"Held-out ranking quality (@{k})" + (", 95% bootstrap intervals" if intervals
+                                                       else ""))
   fig.tight_layout()
   tmp = path + ".tmp.png"
   fig.savefig(tmp, dpi=100)
@@ -119,15 +177,36 @@ def write_report(workdir: str, history: Sequence[dict], curves: Sequence[dict],
                  ks: Sequence[int], num_samples: int = 5) -> str:
   """Writes results.md/json and the plots; returns the results table (markdown)."""
   rows = method_rows(history)
-  table = results_table(rows, ks)
-  _atomic_write(os.path.join(workdir, "results.json"),
-                json.dumps({"methods": rows, "evaluations": list(history)}, indent=2))
+  entry = final_entry(history)
+  intervals = entry_intervals(entry)
+  table = results_table(rows, ks, intervals)
+  comparison = comparison_table(entry, ks)
+  summary = {"methods": rows, "intervals": intervals,
+             "vs_zero_shot": {label: entry["vs_zero_shot"][name] for name, label in
+                              _ordered(entry) if name in entry.get("vs_zero_shot", {})}
+             if entry else {},
+             "split": entry.get("split") if entry else None,
+             "users": entry.get("users") if entry else None,
+             "bootstrap": entry.get("bootstrap", {}) if entry else {},
+             "evaluations": list(history)}
+  _atomic_write(os.path.join(workdir, "results.json"), json.dumps(summary, indent=2))
   plot_curves(curves, os.path.join(workdir, "curves.png"))
-  plot_metrics(rows, os.path.join(workdir, "metrics.png"), k=10 if 10 in ks else ks[0])
-  parts = ["# LangPTune results", "", table, "", "![training curves](curves.png)",
-           "![metrics](metrics.png)", ""]
+  plot_metrics(rows, os.path.join(workdir, "metrics.png"), k=10 if 10 in ks else ks[0],
+               intervals=intervals)
+  where = ""
+  if entry and entry.get("split"):
+    boot = entry.get("bootstrap", {})
+    where = (f"Split `{entry['split']}`, {entry.get('users', '?')} users"
+             + (f"; cells: mean [{100 * boot['confidence']:.0f}% percentile-bootstrap interval "
+                f"over users, {boot['samples']} resamples, seed {boot['seed']}]"
+                if boot else "") + ".")
+  parts = ["# LangPTune results", "", where, "", table, ""]
+  if comparison:
+    parts += ["Paired bootstrap difference against zero-shot profiles (same users):", "",
+              comparison, ""]
+  parts += ["![training curves](curves.png)", "![metrics](metrics.png)", ""]
   tags = [e["tag"] for e in history]
-  for tag in (t for t in ("zero_shot", tags[-1] if tags else "") if t):
+  for tag in dict.fromkeys(t for t in ("zero_shot", tags[-1] if tags else "") if t):
     samples = sample_profiles(workdir, tag, num_samples)
     if samples:
       parts += [f"## Sample profiles ({tag.replace('_', ' ')})", ""]

@@ -39,18 +39,20 @@ class RLSOSettings:
   whiten: bool
   temperature: float
   micro_batch_size: int  # prompts per micro-batch; 0: the whole batch
+  whiten_chunk: int = 0  # whitening scope in rows; 0: the whole batch
 
   @classmethod
   def from_config(cls, rl) -> "RLSOSettings":
     return cls(int(rl.num_generations), float(rl.eta), float(rl.kl_coef),
-               bool(rl.whiten_rewards), float(rl.temperature), int(rl.micro_batch_size))
+               bool(rl.whiten_rewards), float(rl.temperature), int(rl.micro_batch_size),
+               int(rl.get("whiten_chunk", 0)))
 
 
 def shaped_rewards(task_reward, logp_old, logp_ref, settings: RLSOSettings):
   """Total reward (KL-shaped, optionally whitened) and the per-sequence KL."""
   total, kl = losses.kl_shaped_reward(task_reward, logp_old, logp_ref, settings.kl_coef)
   if settings.whiten:
-    total = losses.whiten(total)
+    total = losses.whiten_chunks(total, settings.whiten_chunk)
   return total, kl
 
 

@@ -72,7 +72,7 @@ def add_adapters(encoder: nnx.Module, config, seed: int) -> nnx.Module:
   if config.encoder.training == "lora":
     lora_lib.apply_lora(encoder, targets=tuple(config.lora.targets), rank=int(config.lora.rank),
                         alpha=float(config.lora.alpha), dropout=float(config.lora.dropout),
-                        rngs=nnx.Rngs(seed))
+                        init=config.encoder.lora_init, rngs=nnx.Rngs(seed))
   return encoder
 
 
@@ -98,8 +98,11 @@ def make_cl_training(decoder: embedder_lib.Embedder, wrt, cl_config, total_steps
 
 def make_cl_step(train_state: state_lib.TrainState, cl_config, mesh,
                  rules=parallel.DEFAULT_RULES):
-  return contrastive.make_cl_step(train_state, mesh, temperature=float(cl_config.temperature),
-                                  micro_batch_size=int(cl_config.micro_batch_size), rules=rules)
+  return contrastive.make_cl_step(
+      train_state, mesh, temperature=float(cl_config.temperature),
+      micro_batch_size=int(cl_config.micro_batch_size), rules=rules,
+      group_size=int(cl_config.group_size) if cl_config.negatives == "group" else 0,
+      dedupe_negatives=bool(cl_config.dedupe_negatives))
 
 
 def sampling_settings(config, eos_ids, pad_id: int) -> profiles_lib.SamplingSettings:

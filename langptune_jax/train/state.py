@@ -40,8 +40,14 @@ def learning_rate_schedule(opt_config, total_steps: int) -> optax.Schedule:
 
 
 def adamw(opt_config, total_steps: int) -> optax.GradientTransformation:
-  """AdamW with eps from the config (1e-6 in the paper) and optional clipping."""
-  tx = optax.adamw(learning_rate_schedule(opt_config, total_steps), b1=0.9, b2=0.999,
+  """AdamW with betas, eps and weight decay from the config section, optional clipping.
+
+  The paper's Gemma runs use torch's defaults (0.9, 0.999, wd 0.01), Llama
+  (0.9, 0.95, wd 1e-6); eps is 1e-6 in both.
+  """
+  get = getattr(opt_config, "get", lambda key, default: getattr(opt_config, key, default))
+  tx = optax.adamw(learning_rate_schedule(opt_config, total_steps),
+                   b1=float(get("adam_b1", 0.9)), b2=float(get("adam_b2", 0.999)),
                    eps=float(opt_config.adam_eps), weight_decay=float(opt_config.weight_decay))
   if float(opt_config.max_grad_norm) > 0:
     tx = optax.chain(optax.clip_by_global_norm(float(opt_config.max_grad_norm)), tx)
