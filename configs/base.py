@@ -8,7 +8,7 @@ from this file and change what the paper changes.
 
 import ml_collections
 
-# The paper's instructions (design §2 step 7); the data package owns the texts.
+# The paper's instructions (docs/method.md §2 step 4); the data package owns the texts.
 from langptune_jax.data.prompts import (  # noqa: E402,F401  (re-exported for configs)
   BOOKS_INSTRUCTION,
   MOVIELENS_INSTRUCTION,
@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.workdir = ""  # empty: --workdir flag or ./runs/<config name>
 
-  # --- data (design §2, steps 1-7) ---
+  # --- data (docs/method.md §2) ---
   c.data = d = ml_collections.ConfigDict()
   d.source = "amazon"  # amazon | movielens
   d.domain = "movies_tv"  # movies_tv | books | movielens (selects the instruction)

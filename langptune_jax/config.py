@@ -30,7 +30,7 @@ REWARD_TYPES = ("ndcg", "mrr")
 DATA_SOURCES = ("amazon", "movielens")
 DOMAINS = ("movies_tv", "books", "movielens")
 EVAL_SPLITS = ("val", "test")
-# Baselines of design §6; the evaluation module owns their implementations.
+# Baselines of docs/method.md §9; the evaluation module owns their implementations.
 BASELINES = ("reference_query", "zero_shot", "history", "popularity", "random", "sasrec")
 
 

@@ -240,7 +240,7 @@ def _rating(value: float) -> Any:
 
 
 def load(cfg: Any, skips: core.SkipLog, log: core.FilterLog) -> core.Source:
-  """Reads an Amazon category into a `core.Source` (design §2 steps 1-2)."""
+  """Reads an Amazon category into a `core.Source` (docs/method.md §2, steps 1-2)."""
   src = AmazonSource(cfg.get("reviews", ""), cfg.get("meta", ""), skips, log,
                      scan_workers=int(cfg.get("scan_workers", 0)))
   for field, path in (("data.reviews", src.reviews_path), ("data.meta", src.meta_path)):

@@ -1,4 +1,4 @@
-"""The alternating LangPTune schedule (design §1): CL phase, RL phase, evaluation.
+"""The alternating LangPTune schedule (docs/method.md §8): CL phase, RL phase, evaluation.
 
 ``Trainer`` owns the two models (encoder = profile-writing LLM, decoder = text
 embedder), their train states and jitted steps, the checkpointer and the metrics
