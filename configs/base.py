@@ -1,7 +1,12 @@
-"""Base configuration: the paper's defaults (Gemma-2B-it + mxbai-embed-large-v1).
+r"""Base configuration: every field, with the paper's defaults (Gemma-2B-it + mxbai-embed-large-v1).
 
-Every field can be overridden on the command line, e.g.
-``langptune-jax train --config=configs/base.py --config.rl.lr=3e-7``.
+Every field can be overridden on the command line; the model and data paths have no default:
+
+  langptune-jax train --config=configs/base.py \
+    --config.encoder.path=/models/gemma-2b-it --config.decoder.path=/models/mxbai-embed-large-v1 \
+    --config.data.reviews=/data/Movies_and_TV.jsonl.gz \
+    --config.data.meta=/data/meta_Movies_and_TV.jsonl.gz --config.rl.lr=3e-7 --workdir=/runs/base
+
 Paper configurations (configs/gemma_2b_*.py, configs/llama3_8b_*.py) start
 from this file and change what the paper changes.
 """
