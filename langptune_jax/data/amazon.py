@@ -106,7 +106,7 @@ class AmazonSource:
           continue
         title = row.get("title")
         if not isinstance(title, str) or not title.strip():
-          no_title += 1  # design step 1: a filter, not bad input
+          no_title += 1  # docs/method.md §2 step 1: a filter, not bad input
           continue
         if asin in index:
           self.skips.skip("meta: duplicate parent_asin", f"{name}:{n}")
