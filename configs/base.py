@@ -1,14 +1,19 @@
-"""Base configuration: the paper's defaults (Gemma-2B-it + mxbai-embed-large-v1).
+r"""Base configuration: every field, with the paper's defaults (Gemma-2B-it + mxbai-embed-large-v1).
 
-Every field can be overridden on the command line, e.g.
-``langptune-jax train --config=configs/base.py --config.rl.lr=3e-7``.
+Every field can be overridden on the command line; the model and data paths have no default:
+
+  langptune-jax train --config=configs/base.py \
+    --config.encoder.path=/models/gemma-2b-it --config.decoder.path=/models/mxbai-embed-large-v1 \
+    --config.data.reviews=/data/Movies_and_TV.jsonl.gz \
+    --config.data.meta=/data/meta_Movies_and_TV.jsonl.gz --config.rl.lr=3e-7 --workdir=/runs/base
+
 Paper configurations (configs/gemma_2b_*.py, configs/llama3_8b_*.py) start
 from this file and change what the paper changes.
 """
 
 import ml_collections
 
-# The paper's instructions (design §2 step 7); the data package owns the texts.
+# The paper's instructions (docs/method.md §2 step 4); the data package owns the texts.
 from langptune_jax.data.prompts import (  # noqa: E402,F401  (re-exported for configs)
   BOOKS_INSTRUCTION,
   MOVIELENS_INSTRUCTION,
@@ -21,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.workdir = ""  # empty: --workdir flag or ./runs/<config name>
 
-  # --- data (design §2, steps 1-7) ---
+  # --- data (docs/method.md §2) ---
   c.data = d = ml_collections.ConfigDict()
   d.source = "amazon"  # amazon | movielens
   d.domain = "movies_tv"  # movies_tv | books | movielens (selects the instruction)

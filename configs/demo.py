@@ -3,6 +3,9 @@
 Everything comes from the offline assets (``langptune-jax assets``), so
 ``make demo`` runs end to end on a laptop CPU. Sizes are small on purpose;
 the paper's settings live in configs/base.py and the paper configs.
+
+  langptune-jax demo --config=configs/demo.py --workdir=runs/demo   # what `make demo` runs
+  langptune-jax train --config=configs/demo.py --workdir=runs/demo --config.rl.num_lm_updates=20
 """
 
 import os

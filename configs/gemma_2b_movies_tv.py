@@ -1,4 +1,4 @@
-"""Paper configuration: Gemma-2B-it (LoRA r=1024) + mxbai-embed-large-v1 on Amazon Movies & TV.
+r"""Paper configuration: Gemma-2B-it (LoRA r=1024) + mxbai-embed-large-v1 on Amazon Movies & TV.
 
 Set the local paths on the command line:
   langptune-jax train --config=configs/gemma_2b_movies_tv.py \
@@ -6,6 +6,10 @@ Set the local paths on the command line:
     --config.decoder.path=/models/mxbai-embed-large-v1 \
     --config.data.reviews=/data/Movies_and_TV.jsonl.gz \
     --config.data.meta=/data/meta_Movies_and_TV.jsonl.gz --workdir=gs://bucket/runs/gemma_mtv
+
+Memory of every step on a 16-chip slice, compiled from shapes on a CPU (no weights needed):
+  JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=16 \
+    langptune-jax plan --config=configs/gemma_2b_movies_tv.py --workdir=/tmp/plan
 """
 
 import pathlib

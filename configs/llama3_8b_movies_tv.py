@@ -1,9 +1,14 @@
-"""Paper configuration: Llama-3-8B-Instruct (top 4 blocks trained) + mxbai-embed-large-v1, Movies & TV.
+r"""Paper configuration: Llama-3-8B-Instruct (top 4 blocks trained) + mxbai-embed-large-v1, Movies & TV.
 
   langptune-jax train --config=configs/llama3_8b_movies_tv.py \
     --config.encoder.path=/models/Meta-Llama-3-8B-Instruct \
     --config.decoder.path=/models/mxbai-embed-large-v1 \
-    --config.data.reviews=... --config.data.meta=...
+    --config.data.reviews=/data/Movies_and_TV.jsonl.gz \
+    --config.data.meta=/data/meta_Movies_and_TV.jsonl.gz --workdir=gs://bucket/runs/llama_mtv
+
+Memory of every step on a 16-chip slice, compiled from shapes on a CPU (no weights needed):
+  JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=16 \
+    langptune-jax plan --config=configs/llama3_8b_movies_tv.py --workdir=/tmp/plan
 """
 
 import pathlib

@@ -1,7 +1,10 @@
-"""Tiny configuration for tests: small lengths and batches, no paths.
+r"""Tiny configuration for tests: small lengths and batches, no paths.
 
 Tests build tiny random models themselves; this file only fixes sizes that keep
-every jitted step fast on CPU with 8 emulated devices.
+every jitted step fast on CPU with 8 emulated devices. To see it validated:
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+    langptune-jax info --config=configs/tiny.py --workdir=/tmp/tiny
 """
 
 import pathlib

@@ -36,7 +36,7 @@ FILTER_ORDERS = ("authors", "iterative")
 PROMPT_ENDINGS = ("authors", "trimmed")
 LORA_INITS = ("peft", "he_uniform")
 CL_NEGATIVES = ("group", "global")
-# Baselines of design §6; the evaluation module owns their implementations.
+# Baselines of docs/method.md §9; the evaluation module owns their implementations.
 BASELINES = ("reference_query", "zero_shot", "history", "popularity", "random", "sasrec")
 
 

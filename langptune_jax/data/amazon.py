@@ -108,7 +108,7 @@ class AmazonSource:
           continue
         title = row.get("title")
         if not isinstance(title, str) or not title.strip():
-          no_title += 1  # design step 1: a filter, not bad input
+          no_title += 1  # docs/method.md §2 step 1: a filter, not bad input
           continue
         if asin in index:
           self.skips.skip("meta: duplicate parent_asin", f"{name}:{n}")
@@ -244,7 +244,7 @@ def _rating(value: float) -> Any:
 
 
 def load(cfg: Any, skips: core.SkipLog, log: core.FilterLog) -> core.Source:
-  """Reads an Amazon category into a `core.Source` (design §2 steps 1-2)."""
+  """Reads an Amazon category into a `core.Source` (docs/method.md §2, steps 1-2)."""
   src = AmazonSource(cfg.get("reviews", ""), cfg.get("meta", ""), skips, log,
                      scan_workers=int(cfg.get("scan_workers", 0)),
                      keep_duplicates=bool(cfg.get("keep_duplicate_reviews", True)))

@@ -3,7 +3,7 @@
 Both sources (Amazon Reviews 2023, MovieLens) reduce their raw files to an
 `Interactions` table of integer ids kept sorted by (user, timestamp, ref), where
 `ref` is the record's position in its file (the tie-breaker that makes the time
-order total). From there `build_splits` runs design §2 steps 3-6 identically:
+order total). From there `build_splits` runs docs/method.md §2 steps 3-6 identically:
 
   length filters (data.filter_order: "authors" removes item-length and
   prompt-length users together, then one k-core; "iterative" alternates them
@@ -256,7 +256,7 @@ class _PromptCache:
 
 def build_splits(source: Source, cfg: Any, enc_tok, dec_tok, log: FilterLog,
                  seed: int) -> Prepared:
-  """Design §2 steps 3-6 on a source's interaction table."""
+  """docs/method.md §2 steps 3-6 on a source's interaction table."""
   history_len = int(cfg.get("history_len", 4))
   dec_max = int(cfg.get("decoder_max_len", 512))
   prompt_max = int(cfg.get("prompt_max_len", 1024))

@@ -53,7 +53,7 @@ def _fmt(value: Any) -> str:
 
 def amazon_item_text(title: str, average_rating: Any, description: Sequence[str],
                      categories: Sequence[str], price: Any) -> str:
-  """Item text of an Amazon Reviews 2023 meta row (design §2 step 3)."""
+  """Item text of an Amazon Reviews 2023 meta row (docs/method.md §2 step 3)."""
   return (f"Title: {title}\n"
           f"Description: (average rating: {_fmt(average_rating)}) {' '.join(description)}\n"
           f"Category: {', '.join(categories)}\n"

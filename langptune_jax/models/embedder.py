@@ -8,7 +8,7 @@ with its pooling so that it can be trained and checkpointed as one NNX module.
 
 Texts are tokenized with :func:`tokenize_texts` (right padding to a fixed
 window, truncation); :func:`is_truncated` flags the texts that filled the whole
-window, which the reward treats as over-length (design §2, Reward).
+window, which the reward treats as over-length (docs/method.md §4).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""CL phase: InfoNCE alignment of the recommender decoder (design §2 "InfoNCE").
+"""CL phase: InfoNCE alignment of the recommender decoder (docs/method.md §6).
 
 A batch pairs each user's current profile with the text of the item the user
 chose next. Both sides are embedded by the decoder, L2-normalised, and scored

@@ -1,12 +1,13 @@
-"""The alternating LangPTune schedule: CL phase, RL phase, evaluation.
+"""The alternating LangPTune schedule (docs/method.md §8): CL phase, RL phase, evaluation.
 
 ``Trainer`` runs one job on the set-up of :mod:`langptune_jax.train.setup`
 (train states, reference policy, jitted steps). Read top-down, it follows the
 schedule:
 
   run       evaluate zero-shot (with baselines), then per iteration:
-  CL phase  write a profile for every train and validation user with the current
-            encoder, then ``cl.num_emb_updates`` InfoNCE steps on the decoder;
+  CL phase  write a profile for every train user with the current encoder, then
+            ``cl.num_emb_updates`` InfoNCE steps on the decoder (held-out users are
+            never trained on, by any phase or baseline);
   RL phase  re-embed the whole catalogue with the current decoder, then
             ``rl.num_lm_updates`` RLSO updates of the encoder;
   evaluate  every ``train.eval_every_iterations`` and after the last iteration.

@@ -21,7 +21,7 @@ matplotlib.use("Agg")  # headless: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
 METRIC_COLUMNS = ("Recall", "NDCG", "MRR")
-# Baselines in table order, with their display names (design §6).
+# Baselines in table order, with their display names (docs/method.md §9).
 _BASELINES = (("random", "random"), ("popularity", "popularity"), ("sasrec", "SASRec"),
               ("reference_query", "reference query (last item)"),
               ("history", "raw history (fine-tuned decoder)"))

@@ -1,4 +1,4 @@
-"""RL phase: RLSO updates of the profile encoder (design §2, REBEL form).
+"""RL phase: RLSO updates of the profile encoder (docs/method.md §5, REBEL form).
 
 One update:
   1. rollout: G samples per prompt from the current encoder (rows prompt-major:
