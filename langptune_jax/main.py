@@ -37,6 +37,8 @@ def _define_flags() -> None:
       "workdir", None, "Run directory (default: config.workdir, else ./runs/<config name>).")
   _FLAGS["traceback"] = flags.DEFINE_bool(
       "traceback", False, "Show full tracebacks instead of one-line errors.")
+  from langptune_jax.serve import flags as serve_flags  # --user, --history, --profile, --format
+  serve_flags.define()
 
 
 PROG = "langptune-jax"
@@ -100,6 +102,13 @@ COMMANDS: dict[str, Command] = {
     "plan": Command("langptune_jax.plan:run",
                     "per-device memory of every jitted step, compiled ahead of time from "
                     "shapes alone, and which chips it fits"),
+    "recommend": Command("langptune_jax.serve.recommend:run",
+                         "a profile and the top-k items for --user ID, --history FILE or "
+                         "--profile TEXT (--format json)"),
+    "serve": Command("langptune_jax.serve.app:run",
+                     "a web page to read and edit a user's profile and watch the ranking move"),
+    "judge": Command("langptune_jax.serve.judge:run",
+                     "interpretability check: can a judge LLM pick the target from the profile?"),
 }
 # Stages `demo` runs after `assets` and `info`, when they exist.
 DEMO_STAGES = ("prepare", "train")

@@ -49,3 +49,7 @@ def gemma3_gguf():
 @pytest.fixture(scope="session")
 def ml100k_dir():
   return _asset("ml100k")
+
+
+# The trained run the recommend / serve / judge tests share (built on first use).
+from serve_fixtures import served_run, served_session  # noqa: E402,F401
