@@ -8,8 +8,11 @@ training iteration on MovieLens-100K leaves a checkpoint with trained adapters.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
+import time
 
 import pytest
 
@@ -79,3 +82,37 @@ def served_session(served_run):
   from langptune_jax.serve.load import open_session
   cfg, workdir = served_run
   return open_session(cfg, workdir)
+
+
+@contextlib.contextmanager
+def live_server(session):
+  """The app on a free local port, served by uvicorn in a thread; yields its base URL."""
+  import socket
+
+  import uvicorn
+
+  from langptune_jax.serve.app import create_app
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  server = uvicorn.Server(uvicorn.Config(create_app(session), host="127.0.0.1", port=port,
+                                         log_level="warning"))
+  thread = threading.Thread(target=server.run, daemon=True)
+  thread.start()
+  for _ in range(600):
+    if server.started:
+      break
+    time.sleep(0.05)
+  try:
+    yield f"http://127.0.0.1:{port}"
+  finally:
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def genres_of(session, item: int) -> set[str]:
+  """The genres a MovieLens item text lists."""
+  for line in session.data.item_text[item].splitlines():
+    if line.startswith("Genres:"):
+      return {g.strip() for g in line[len("Genres:"):].split(",")}
+  return set()
