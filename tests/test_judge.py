@@ -3,24 +3,11 @@
 import json
 
 import numpy as np
+import planted
 import pytest
 
+from langptune_jax import sampling
 from langptune_jax.serve import judge
-
-GENRE_ITEMS = {
-    "horror": ["Night of the Living Dead: a horror film about zombies",
-               "The Haunting: a horror movie in a ghost house"],
-    "western": ["Rio Bravo: a western with cowboys and a sheriff",
-                "Stagecoach: a western across the desert with outlaws"],
-    "cartoon": ["Toy Story: an animated cartoon for children",
-                "The Lion King: an animated cartoon for kids"],
-    "romance": ["Sleepless in Seattle: a romance about two lovers",
-                "Notting Hill: a romantic love story"],
-    "war": ["Saving Private Ryan: a war film about soldiers",
-            "Platoon: a war movie about soldiers in battle"],
-    "science fiction": ["Alien: science fiction in outer space",
-                        "Star Wars: science fiction with spaceships in space"],
-}
 
 
 def test_wilson_interval_contains_the_rate_and_stays_in_range():
@@ -58,37 +45,60 @@ def test_accuracy_of_a_reader_and_of_a_blind_chooser():
   assert blind["interval95"][0] < 0.25 < blind["interval95"][1]
 
 
-def _genre_cases(rng, n=4):
-  genres = list(GENRE_ITEMS)
-  texts = [t for g in genres for t in GENRE_ITEMS[g]]
-  genre_of = [g for g in genres for _ in GENRE_ITEMS[g]]
-  cases, names = [], []
+def _trained_word_judge(steps=120):
+  """A tiny Llama over the planted word vocabulary, trained to continue a profile with an item
+  of the genre it names, and the profile-free prompt with an item of any genre."""
+  import optax
+  from flax import nnx
+
+  tokenizer = planted.word_tokenizer()
+  model = planted.tiny_encoder(len(tokenizer.get_vocab()), num_layers=1)
+  texts = []
+  for genre in planted.GENRES:
+    for filler in planted.FILLERS:
+      item = f"{genre} {filler}"
+      texts += [judge.CONTEXT.format(profile=f"user likes {genre}") + item,
+                judge.NEUTRAL + item]
+  ids = tokenizer(texts, padding=True)
+  tokens, mask = np.asarray(ids["input_ids"]), np.asarray(ids["attention_mask"], bool)
+  optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer):
+    def loss_fn(model):
+      return -sampling.token_logprobs(model, tokens, mask).sum() / mask.sum()
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  for _ in range(steps):
+    step(model, optimizer)
+  return judge.LocalJudge(model, tokenizer)
+
+
+def test_a_tiny_judge_picks_the_genre_the_profile_names():
+  reader = _trained_word_judge()
+  genres = list(planted.GENRES)
+  texts = [f"{g} {f}" for g in genres for f in planted.FILLERS[:4]]
+  genre_of = [t.split()[0] for t in texts]
+  rng = np.random.default_rng(0)
+  cases, profiles, wrong = [], [], []
   for target in range(len(texts)):
-    others = [i for i in range(len(texts)) if genre_of[i] != genre_of[target]]
-    items, pos = judge.candidates(target, [i for i in range(len(texts)) if i not in others], len(texts),
-                                  n, rng)
-    cases.append((items, pos))
-    names.append(genre_of[target])
-  return texts, cases, names
-
-
-@pytest.mark.slow
-def test_local_judge_picks_the_genre_the_profile_names(smollm2_gguf):
-  texts, cases, genres = _genre_cases(np.random.default_rng(0))
-  reader = judge.LocalJudge(smollm2_gguf)
-  named = judge.accuracy(reader, [f"This user only watches {g} movies." for g in genres], cases,
-                         texts)
+    same = [i for i in range(len(texts)) if genre_of[i] == genre_of[target]]
+    cases.append(judge.candidates(target, same, len(texts), 4, rng))  # negatives: other genres
+    profiles.append(f"user likes {genre_of[target]}")
+    wrong.append(f"user likes {genres[(genres.index(genre_of[target]) + 1) % len(genres)]}")
+  named = judge.accuracy(reader, profiles, cases, texts)
   assert named["interval95"][0] > named["chance"], named
-  # The same candidates with a profile naming no genre: near chance.
-  vague = judge.accuracy(reader, ["This user watches movies."] * len(cases), cases, texts)
-  assert named["correct"] > vague["correct"] + 3, (named, vague)
+  misled = judge.accuracy(reader, wrong, cases, texts)  # a profile naming another genre
+  assert misled["accuracy"] < named["accuracy"], (named, misled)
 
 
 @pytest.mark.slow
 def test_judge_command_writes_zero_shot_and_trained_accuracy(served_run, served_session, capsys,
                                                              smollm2_gguf):
   cfg, workdir = served_run
-  result = judge.judge_run(cfg, served_session, judge.LocalJudge(smollm2_gguf))
+  result = judge.judge_run(cfg, served_session, judge.LocalJudge.from_path(smollm2_gguf))
   for name in ("zero_shot", "trained"):
     r = result[name]
     assert r["chance"] == 1 / cfg.judge.num_candidates and r["total"] == len(result["users"]) > 0

@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from serve_fixtures import genres_of, live_server
 
 from langptune_jax import sampling
-from langptune_jax.serve import session as session_lib
+from langptune_jax.serve import ranker as ranker_lib
 from langptune_jax.serve.app import create_app
 from langptune_jax.serve.load import open_session
 
@@ -121,7 +121,7 @@ def test_requests_do_not_compile(client, served_session):
     if event.endswith("jaxpr_trace_duration"):  # every jit trace (a compile or a cache load)
       traces.append(event)
 
-  counts = (dict(session_lib.TRACE_COUNTS), dict(sampling.TRACE_COUNTS))
+  counts = (dict(ranker_lib.TRACE_COUNTS), dict(sampling.TRACE_COUNTS))
   jax.monitoring.register_event_duration_secs_listener(on_event)
   try:
     for i, profile in enumerate(["a", HORROR, "short comedy", "war " * 20]):
@@ -130,7 +130,7 @@ def test_requests_do_not_compile(client, served_session):
     _ok(client.post("/api/profile", json={"history": ["0", "5", "7"], "temperature": 0}))
   finally:
     jax.monitoring.unregister_event_duration_listener(on_event)
-  assert (dict(session_lib.TRACE_COUNTS), dict(sampling.TRACE_COUNTS)) == counts
+  assert (dict(ranker_lib.TRACE_COUNTS), dict(sampling.TRACE_COUNTS)) == counts
   assert traces == []
 
 

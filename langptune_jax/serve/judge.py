@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from langptune_jax import sampling
-from langptune_jax.serve.session import on_one_device
+from langptune_jax.serve.ranker import on_one_device
 from langptune_jax.weights import tokenizer as tok_lib
 
 # (profile, candidate texts) -> index of the chosen candidate
@@ -73,13 +73,17 @@ def accuracy(choose: Chooser, profiles: Sequence[str], cases: Sequence[tuple[lis
 class LocalJudge:
   """A causal LM the project loads (HF directory or .gguf) scoring candidate texts."""
 
-  def __init__(self, path, dtype: str = "float32"):
+  def __init__(self, model, tokenizer):
+    self.model = on_one_device(model)
+    self.tokenizer = tokenizer
+    self.pad = next((int(v) for v in (tokenizer.pad_token_id, tokenizer.eos_token_id)
+                     if v is not None), 0)
+
+  @classmethod
+  def from_path(cls, path, dtype: str = "float32") -> "LocalJudge":
     from langptune_jax.weights import hf as hf_weights
     model, _ = hf_weights.load_decoder(str(path), dtype=dtype, param_dtype=dtype)
-    self.model = on_one_device(model)
-    self.tokenizer = tok_lib.load_tokenizer(str(path))
-    self.pad = next((int(v) for v in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
-                     if v is not None), 0)
+    return cls(model, tok_lib.load_tokenizer(str(path)))
 
   def _encode(self, texts: Sequence[str], left: bool, special: bool):
     ids = tok_lib.batch_encode(self.tokenizer, list(texts), add_special_tokens=special)
@@ -133,7 +137,7 @@ def make_judge(config) -> Chooser:
   if not path:
     from langptune_jax import assets
     path = str(assets.asset_path("smollm2"))
-  return LocalJudge(path)
+  return LocalJudge.from_path(path)
 
 
 def judge_run(config, session, choose: Chooser) -> dict:

@@ -12,42 +12,24 @@ lock-free.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import functools
 import pathlib
 import threading
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from langptune_jax.data import prompts as prompts_lib
 from langptune_jax.models import embedder as embedder_lib
 from langptune_jax.serve import index as index_lib
+from langptune_jax.serve.ranker import Ranker, on_one_device
 from langptune_jax.train import profiles as profiles_lib
 from langptune_jax.train.run_data import RunData
 from langptune_jax.weights import tokenizer as tok_lib
 
-# Traces of the session's own jitted function; the compile-count test reads it.
-TRACE_COUNTS: collections.Counter = collections.Counter()
-
 
 class UnknownError(ValueError):
   """A user id or item the dataset does not have (HTTP 404; exit 2 like every bad input)."""
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _embed_query(graphdef, state, tokens, mask):
-  TRACE_COUNTS["embed_query"] += 1
-  return nnx.merge(graphdef, state)(tokens, mask)
-
-
-def on_one_device(model, device=None):
-  """A copy of `model` whose arrays all live on one device (default: the first)."""
-  graphdef, state = nnx.split(model)
-  return nnx.merge(graphdef, jax.device_put(state, device or jax.devices()[0]))
 
 
 def item_title(text: str) -> str:
@@ -82,16 +64,16 @@ class Session:
     self.profile_len = int(config.data.decoder_max_len)
     self.top_k = int(config.serve.top_k)
     self._lock = threading.Lock()
-    self._ranker_graph, self._ranker_state = nnx.split(on_one_device(ranker))
+    self.ranker = Ranker(ranker, ranker_tokenizer, self.profile_len)
     self.titles = [item_title(t) for t in data.item_text]
     self._by_title: dict[str, int] = {}
     for i, title in enumerate(self.titles):
       self._by_title.setdefault(title.casefold(), i)
     self._users = {int(u): (name, row) for name in ("train", "val", "test")
                    for row, u in enumerate(data.split(name).user)}
-    digest = index_lib.fingerprint(self._ranker_state, data.item_text, self.profile_len)
+    digest = index_lib.fingerprint(self.ranker.state, data.item_text, self.profile_len)
     self.item_embeddings, self.index_rebuilt = index_lib.load_or_build(
-        index_dir / index_lib.INDEX_DIR, digest, self._embed_rows, data.item_tokens,
+        index_dir / index_lib.INDEX_DIR, digest, self.ranker.embed_rows, data.item_tokens,
         data.item_mask, int(config.decoder.embed_batch_size))
     if warm_up:
       self.warm_up()
@@ -163,23 +145,7 @@ class Session:
   # --- ranking -----------------------------------------------------------------
 
   def check_profile(self, text) -> str:
-    if not isinstance(text, str) or not text.strip():
-      raise ValueError("profile is empty: write a few words about the user's taste")
-    count = len(self.ranker_tokenizer(text)["input_ids"])
-    if count > self.profile_len:
-      raise ValueError(f"profile is {count} tokens; the ranking model reads at most "
-                       f"data.decoder_max_len={self.profile_len}: shorten it")
-    return text
-
-  def _embed_rows(self, tokens, mask):
-    return _embed_query(self._ranker_graph, self._ranker_state, jnp.asarray(tokens),
-                        jnp.asarray(mask))
-
-  def embed_profile(self, text: str) -> np.ndarray:
-    tokens, mask = embedder_lib.tokenize_texts(self.ranker_tokenizer, [self.check_profile(text)],
-                                               self.profile_len)
-    emb = np.asarray(jax.device_get(self._embed_rows(tokens, mask)), np.float32)[0]
-    return emb / max(float(np.linalg.norm(emb)), 1e-12)
+    return self.ranker.check_profile(text)
 
   def rank(self, text: str, *, exclude=(), target: int | None = None, k: int | None = None,
            previous=None) -> list[dict]:
@@ -189,20 +155,12 @@ class Session:
     (a ranked list of item ids), None when it was not in that list.
     """
     k = self.top_k if k is None else int(k)
-    if k < 1:
-      raise ValueError(f"k={k}: must be >= 1")
-    scores = self.item_embeddings @ self.embed_profile(text)
-    excluded = np.asarray([int(i) for i in exclude], np.int64)
-    if excluded.size:
-      scores[excluded] = -np.inf
-    k = min(k, int(np.isfinite(scores).sum()))
-    top = np.argpartition(-scores, k - 1)[:k]
-    top = top[np.argsort(-scores[top], kind="stable")]
+    top, scores = self.ranker.top_k(text, self.item_embeddings, k, exclude)
     before = {int(item): r for r, item in enumerate(previous or (), 1)}
-    return [{"rank": r, "item": int(i), "score": round(float(scores[i]), 6),
+    return [{"rank": r, "item": int(i), "score": round(float(score), 6),
              "title": self.titles[i], "is_target": None if target is None else int(i) == target,
              "move": before[int(i)] - r if int(i) in before else None}
-            for r, i in enumerate(top, 1)]
+            for r, (i, score) in enumerate(zip(top, scores), 1)]
 
   def warm_up(self) -> None:
     """Compiles every shape a request uses, so requests never compile."""
