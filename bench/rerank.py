@@ -1,6 +1,6 @@
 """Latency of re-ranking a catalogue with an edited profile (what the `serve` page does per edit).
 
-One request: tokenize the profile into the fixed window (``data.decoder_max_len``),
+One request: tokenize the profile, cut it to its fixed width (16, 32 or 64 tokens),
 embed it with all-MiniLM-L6-v2 (the demo's ranking model) on one device, score
 every item's cached embedding, take the top-k. The catalogue embeddings are
 random unit vectors: only their number matters for the cost. The first request
@@ -44,7 +44,7 @@ def main(argv=None):
   rng = np.random.default_rng(0)
   items = rng.standard_normal((args.items, embedder.model.config.hidden_size)).astype(np.float32)
   items /= np.linalg.norm(items, axis=1, keepdims=True)
-  ranker.top_k("warm up", items, args.top_k)
+  ranker.warm_up()
   times = []
   for i in range(args.requests):
     words = rng.choice(WORDS, 3 + i % 8)

@@ -4,11 +4,13 @@ import concurrent.futures
 
 import httpx
 import jax
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from serve_fixtures import genres_of, live_server
 
 from langptune_jax import sampling
+from langptune_jax.models import embedder as embedder_lib
 from langptune_jax.serve import ranker as ranker_lib
 from langptune_jax.serve.app import create_app
 from langptune_jax.serve.load import open_session
@@ -146,3 +148,13 @@ def test_twenty_parallel_reranks_all_correct(served_session):
     with concurrent.futures.ThreadPoolExecutor(20) as pool:
       answers = list(pool.map(ask, profiles))
   assert answers == expected
+
+
+def test_short_profiles_embed_as_in_the_full_window(served_session):
+  ranker = served_session.ranker
+  assert ranker.widths == [16, 32, 48]
+  for text in ["horror", "a quiet drama about two sisters and their long summer by the sea"]:
+    tokens, mask = embedder_lib.tokenize_texts(ranker.tokenizer, [text], ranker.max_len)
+    full = np.asarray(ranker.embed_rows(tokens, mask))[0]
+    np.testing.assert_allclose(ranker.embed_profile(text), full / np.linalg.norm(full),
+                               atol=1e-5)

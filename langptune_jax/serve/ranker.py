@@ -1,4 +1,10 @@
-"""Ranking the catalogue with one profile text: embed it (one fixed shape), score, take top-k."""
+"""Ranking the catalogue with one profile text: embed it, score every item, take the top-k.
+
+A profile is embedded as one row cut to the smallest of a few fixed widths
+(16, 32, 64, ... up to the window) that holds it: right padding changes no
+embedding, a short profile costs a fraction of a full window, and every width
+is compiled once, at warm-up.
+"""
 
 from __future__ import annotations
 
@@ -35,6 +41,16 @@ class Ranker:
     self.graphdef, self.state = nnx.split(on_one_device(embedder))
     self.tokenizer = tokenizer
     self.max_len = int(max_len)
+    self.widths = sorted({min(w, self.max_len) for w in (16, 32, 64, 128, 256, 512)}
+                         | {self.max_len})
+
+  def width_for(self, num_tokens: int) -> int:
+    return next(w for w in self.widths if w >= num_tokens)
+
+  def warm_up(self) -> None:
+    """Compiles every profile width."""
+    for width in self.widths:
+      self.embed_rows(np.zeros((1, width), np.int32), np.ones((1, width), np.int32))
 
   def embed_rows(self, tokens, mask):
     return _embed(self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(mask))
@@ -49,10 +65,12 @@ class Ranker:
     return text
 
   def embed_profile(self, text: str) -> np.ndarray:
-    """The L2-normalised embedding of a profile, always one row of `max_len` tokens."""
+    """The L2-normalised embedding of a profile (one row of a fixed width)."""
     tokens, mask = embedder_lib.tokenize_texts(self.tokenizer, [self.check_profile(text)],
                                                self.max_len)
-    emb = np.asarray(jax.device_get(self.embed_rows(tokens, mask)), np.float32)[0]
+    width = self.width_for(int(mask.sum()))
+    emb = np.asarray(jax.device_get(self.embed_rows(tokens[:, :width], mask[:, :width])),
+                     np.float32)[0]
     return emb / max(float(np.linalg.norm(emb)), 1e-12)
 
   def top_k(self, text: str, item_embeddings: np.ndarray, k: int, exclude=()):

@@ -164,6 +164,7 @@ class Session:
 
   def warm_up(self) -> None:
     """Compiles every shape a request uses, so requests never compile."""
+    self.ranker.warm_up()
     self.rank("warm up")
     if self._users:
       prompt = self.dataset_prompt(self.user_ids()[0])
