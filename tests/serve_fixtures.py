@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pathlib
 import sys
 import threading
 import time
@@ -67,12 +68,21 @@ def serve_config(writer_dir, minilm_dir, ml100k_dir):
 
 @pytest.fixture(scope="session")
 def served_run(tmp_path_factory, smollm2_gguf, minilm_dir, ml100k_dir):
-  """(config, workdir) of a finished training run with a checkpoint."""
+  """(config, workdir) of a finished training run with a checkpoint.
+
+  With LANGPTUNE_SERVE_TEST_RUN=DIR the run is kept in DIR and reused by later sessions
+  (for working on these tests; CI trains afresh).
+  """
+  from langptune_jax.serve.load import has_checkpoint
   from langptune_jax.train import commands
-  writer_dir = tiny_writer_dir(tmp_path_factory.mktemp("serve_writer"), smollm2_gguf)
+  kept = os.environ.get("LANGPTUNE_SERVE_TEST_RUN")
+  root = pathlib.Path(kept) if kept else tmp_path_factory.mktemp("serve")
+  writer_dir, workdir = root / "writer", root / "run"
+  if not (writer_dir / "config.json").is_file():
+    tiny_writer_dir(writer_dir, smollm2_gguf)
   cfg = serve_config(writer_dir, minilm_dir, ml100k_dir)
-  workdir = tmp_path_factory.mktemp("serve_run")
-  assert commands.train(cfg, str(workdir)) == 0
+  if not has_checkpoint(workdir):
+    assert commands.train(cfg, str(workdir)) == 0
   return cfg, workdir
 
 

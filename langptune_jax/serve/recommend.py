@@ -45,6 +45,9 @@ def recommend(config, workdir, *, user=None, history=None, profile=None,
   if prompt is not None:
     profile = session.write_profile(prompt, seed=int(config.seed),
                                     temperature=0.0 if config.eval.greedy else None)
+    if not profile.strip():
+      raise ValueError("the profile writer wrote an empty profile; sample one instead "
+                       "(--config.eval.greedy=False, another --config.seed)")
   items = session.rank(profile, exclude=prompt.history if prompt else (),
                        target=prompt.target if prompt else None)
   if output_format == "json":
