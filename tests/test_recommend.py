@@ -15,11 +15,12 @@ pytestmark = pytest.mark.slow  # the ranking model is the real MiniLM
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
 
-def _run(cfg, workdir, **kwargs):
+def _run(cfg, workdir, session=None, **kwargs):
+  """`recommend` in process, on the shared session (the CLI test below opens its own)."""
   cfg = cfg.copy_and_resolve_references()
   cfg.eval.greedy = False  # the tiny writer's greedy profiles are often empty
   out = io.StringIO()
-  assert recommend_lib.recommend(cfg, workdir, out=out, **kwargs) == 0
+  assert recommend_lib.recommend(cfg, workdir, out=out, session=session, **kwargs) == 0
   return out.getvalue()
 
 
@@ -27,7 +28,7 @@ def test_user_json_lists_top_k_without_history(served_run, served_session):
   cfg, workdir = served_run
   user = served_session.user_ids()[2]
   prompt = served_session.dataset_prompt(user)
-  out = json.loads(_run(cfg, workdir, user=user, output_format="json"))
+  out = json.loads(_run(cfg, workdir, served_session, user=user, output_format="json"))
   assert out["user"] == user and isinstance(out["profile"], str)
   items = out["items"]
   assert [r["rank"] for r in items] == list(range(1, cfg.serve.top_k + 1))
@@ -39,7 +40,7 @@ def test_history_file_and_text_format(served_run, served_session, tmp_path):
   cfg, workdir = served_run
   history = tmp_path / "history.txt"
   history.write_text(f"{served_session.titles[4].upper()}\n\n7\n")
-  text = _run(cfg, workdir, history=str(history))
+  text = _run(cfg, workdir, served_session, history=str(history))
   assert text.startswith("profile:\n") and "rank    score  target  title" in text
   rows = text.split("title\n", 1)[1].strip().splitlines()
   assert len(rows) == cfg.serve.top_k
@@ -49,7 +50,8 @@ def test_history_file_and_text_format(served_run, served_session, tmp_path):
 
 def test_profile_skips_generation(served_run, served_session):
   cfg, workdir = served_run
-  out = json.loads(_run(cfg, workdir, profile="westerns with cowboys", output_format="json"))
+  out = json.loads(_run(cfg, workdir, served_session, profile="westerns with cowboys",
+                        output_format="json"))
   assert out["profile"] == "westerns with cowboys"
   assert [r["item"] for r in out["items"]] == [
       r["item"] for r in served_session.rank("westerns with cowboys")]
@@ -64,19 +66,19 @@ def test_profile_skips_generation(served_run, served_session):
     ({"profile": "drama " * 100}, "the ranking model reads at most data.decoder_max_len=48"),
     ({"history": "/no/such/file"}, "--history=/no/such/file: file not found"),
 ])
-def test_bad_input_raises_one_clear_error(served_run, kwargs, message):
+def test_bad_input_raises_one_clear_error(served_run, served_session, kwargs, message):
   cfg, workdir = served_run
   with pytest.raises((ValueError, FileNotFoundError)) as info:
-    _run(cfg, workdir, **kwargs)
+    _run(cfg, workdir, served_session, **kwargs)
   assert message in str(info.value)
 
 
-def test_unknown_title_in_history(served_run, tmp_path):
+def test_unknown_title_in_history(served_run, served_session, tmp_path):
   cfg, workdir = served_run
   history = tmp_path / "h.txt"
   history.write_text("0\nThe Film That Never Was (1901)\n")
   with pytest.raises(ValueError, match="history line 2: unknown item 'The Film That Never Was"):
-    _run(cfg, workdir, history=str(history))
+    _run(cfg, workdir, served_session, history=str(history))
 
 
 def _write_config(path, cfg):

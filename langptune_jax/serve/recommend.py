@@ -25,8 +25,11 @@ def _history_lines(source: str) -> list[str]:
 
 
 def recommend(config, workdir, *, user=None, history=None, profile=None,
-              output_format: str = "text", out=None) -> int:
-  """Prints the profile and its top-k items; the flags arrive as keyword arguments."""
+              output_format: str = "text", out=None, session=None) -> int:
+  """Prints the profile and its top-k items; the flags arrive as keyword arguments.
+
+  `session`: an already opened session of `workdir` (else it is opened here).
+  """
   out = out or sys.stdout
   given = [name for name, v in (("--user", user), ("--history", history), ("--profile", profile))
            if v is not None]
@@ -34,7 +37,7 @@ def recommend(config, workdir, *, user=None, history=None, profile=None,
     raise ValueError(f"give exactly one of --user, --history, --profile (got "
                      f"{', '.join(given) or 'none'})")
   lines = _history_lines(history) if history is not None else None
-  session = open_session(config, workdir, warm_up=False)
+  session = session or open_session(config, workdir, warm_up=False)
   if profile is not None:
     prompt = None
     session.check_profile(profile)
