@@ -14,7 +14,7 @@ export LANGPTUNE_CACHE
 # Re-install only when the package metadata changes (keeps `make test` quick).
 STAMP := $(VENV)/.install-stamp
 
-.PHONY: venv install assets test demo lint bench-sampling bench-floor bench-attention bench-prepare bench-train bench-host-memory clean
+.PHONY: venv install assets browser test demo lint bench-sampling bench-floor bench-attention bench-prepare bench-train bench-host-memory clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -31,7 +31,15 @@ install: $(STAMP)
 assets: install
 	$(CLI) assets
 
-test: install assets
+# The page's end-to-end test drives the Debian Chromium through its chromedriver; apt-get runs
+# only when either binary is missing (as root, else through sudo).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { $(SUDO) apt-get update -q && \
+	    $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; }
+
+test: install assets browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: install assets

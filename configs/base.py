@@ -203,6 +203,22 @@ def get_config() -> ml_collections.ConfigDict:
   p.num_steps = 3
   p.peak_tflops = 0.0  # per chip; 0: look up the chip in the built-in table
 
+  # --- recommend / serve (a trained run, one user at a time) ---
+  c.serve = sv = ml_collections.ConfigDict()
+  sv.host = "127.0.0.1"
+  sv.port = 8000
+  sv.top_k = 10
+  sv.export_dir = ""  # empty: the workdir's latest checkpoint; else `export`'s folder
+
+  # --- judge (simulated-user check of profiles) ---
+  c.judge = jd = ml_collections.ConfigDict()
+  jd.path = ""  # judge LLM (HF dir or .gguf); empty: the offline SmolLM2
+  jd.endpoint = ""  # OpenAI-compatible base URL (e.g. http://host:8080/v1); wins over path
+  jd.model = ""  # model name sent to the endpoint
+  jd.num_candidates = 5  # the target plus N-1 sampled negatives
+  jd.max_users = 50  # users of eval.split judged (0: all)
+  jd.seed = 0
+
   # --- multi-host ---
   c.distributed = dist = ml_collections.ConfigDict()
   dist.initialize = False  # call jax.distributed.initialize() at start

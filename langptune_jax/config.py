@@ -271,6 +271,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   _validate_cl(c, dp)
   _validate_schedule_and_eval(c)
   _validate_runtime(c)
+  _validate_serving(c)
   if check_paths:
     _validate_paths(c)
   if c.failures:
@@ -496,6 +497,21 @@ def _validate_runtime(c: _Checker) -> None:
   pid = c.integer("distributed.process_id", lo=-1, rule="must be >= -1 (-1: from the environment)")
   if _ok(procs, pid) and procs > 0 and pid >= procs:
     c.fail("distributed.process_id", pid, f"must be < distributed.num_processes={procs}")
+
+
+def _validate_serving(c: _Checker) -> None:
+  c.string("serve.host", nonempty=True)
+  c.integer("serve.port", lo=1, hi=65535)
+  c.integer("serve.top_k", lo=1)
+  c.string("serve.export_dir")
+  c.string("judge.path")
+  endpoint = c.string("judge.endpoint")
+  c.rule(not _ok(endpoint) or not endpoint or endpoint.startswith(("http://", "https://")),
+         "judge.endpoint", endpoint, "must be empty or an http(s):// URL")
+  c.string("judge.model")
+  c.integer("judge.num_candidates", lo=2)
+  c.integer("judge.max_users", lo=0, rule="must be >= 0 (0: all)")
+  c.integer("judge.seed", lo=0)
 
 
 def _validate_paths(c: _Checker) -> None:

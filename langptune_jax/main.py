@@ -43,6 +43,8 @@ def _define_flags() -> None:
       "traceback", False, "Show full tracebacks instead of one-line errors.")
   _FLAGS["overwrite"] = flags.DEFINE_bool(
       "overwrite", False, "export: replace a non-empty <workdir>/export folder.")
+  from langptune_jax.serve import flags as serve_flags  # --user, --history, --profile, --format
+  serve_flags.define()
 
 
 PROG = "langptune-jax"
@@ -107,6 +109,13 @@ COMMANDS: dict[str, Command] = {
     "plan": Command("langptune_jax.plan:run",
                     "per-device memory of every jitted step, compiled ahead of time from "
                     "shapes alone, and which chips it fits"),
+    "recommend": Command("langptune_jax.serve.recommend:run",
+                         "a profile and the top-k items for --user ID, --history FILE or "
+                         "--profile TEXT (--format json)"),
+    "serve": Command("langptune_jax.serve.app:run",
+                     "a web page to read and edit a user's profile and watch the ranking move"),
+    "judge": Command("langptune_jax.serve.judge:run",
+                     "interpretability check: can a judge LLM pick the target from the profile?"),
 }
 # Stages `demo` runs after `assets` and `info`, when they exist.
 DEMO_STAGES = ("prepare", "train")

@@ -60,3 +60,5 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if REAL_ASSET_FIXTURES & set(getattr(item, "fixturenames", ())):
       item.add_marker(pytest.mark.slow)
+# The trained run the recommend / serve / judge tests share (built on first use).
+from serve_fixtures import served_run, served_session  # noqa: E402,F401

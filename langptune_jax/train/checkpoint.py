@@ -34,7 +34,8 @@ from etils import epath
 
 # Fields that may differ between the run that saved and the run that resumes.
 _RESUME_SAFE_FIELDS = ("workdir", "checkpoint", "logging", "profile", "distributed", "mesh",
-                       "train.num_iterations", "train.stop_after_steps", "eval", "baselines")
+                       "train.num_iterations", "train.stop_after_steps", "eval", "baselines",
+                       "serve", "judge")
 
 
 class CheckpointMismatchError(ValueError):

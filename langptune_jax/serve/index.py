@@ -1,0 +1,76 @@
+"""The catalogue index: every item's decoder embedding, saved next to the checkpoint.
+
+Embedding a large catalogue takes minutes, so it is done once and kept in
+``<dir>/catalogue_index/``. A fingerprint of the decoder weights and the item
+texts travels with it: a matching index is reused, any other is rebuilt (with a
+progress bar), so a re-trained decoder or an edited catalogue never ranks with
+stale vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from langptune_jax.rec import retrieval
+
+INDEX_DIR = "catalogue_index"
+_EMBEDDINGS = "embeddings.npy"
+_META = "meta.json"
+
+
+def fingerprint(decoder_state, item_text: Sequence[str], max_len: int) -> str:
+  """sha256 over the decoder's arrays (in tree order), the item texts and the window."""
+  digest = hashlib.sha256()
+  leaves, treedef = jax.tree.flatten(decoder_state)
+  digest.update(str(treedef).encode())
+  for leaf in leaves:
+    array = np.asarray(jax.device_get(leaf))
+    digest.update(f"{array.dtype}{array.shape}".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+  digest.update(str(max_len).encode())
+  for text in item_text:
+    digest.update(text.encode())
+    digest.update(b"\x00")
+  return digest.hexdigest()
+
+
+def load(folder: pathlib.Path, expected: str) -> np.ndarray | None:
+  """The saved embeddings when their fingerprint matches, else None."""
+  try:
+    meta = json.loads((folder / _META).read_text())
+    if meta.get("fingerprint") != expected:
+      return None
+    return np.load(folder / _EMBEDDINGS)
+  except (OSError, ValueError):
+    return None
+
+
+def save(folder: pathlib.Path, embeddings: np.ndarray, digest: str) -> None:
+  """Writes the embeddings, then the fingerprint (last, so a torn write never matches)."""
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / _META).unlink(missing_ok=True)
+  np.save(folder / f".{_EMBEDDINGS}", embeddings, allow_pickle=False)
+  os.replace(folder / f".{_EMBEDDINGS}", folder / _EMBEDDINGS)
+  tmp = folder / f".{_META}"
+  tmp.write_text(json.dumps({"fingerprint": digest, "num_items": int(embeddings.shape[0]),
+                             "dim": int(embeddings.shape[1])}))
+  os.replace(tmp, folder / _META)
+
+
+def load_or_build(folder: pathlib.Path, digest: str, embed_fn: Callable, item_tokens: np.ndarray,
+                  item_mask: np.ndarray, batch_size: int) -> tuple[np.ndarray, bool]:
+  """(embeddings [N, D] L2-normalised, whether they were rebuilt)."""
+  cached = load(folder, digest)
+  if cached is not None and cached.shape[0] == item_tokens.shape[0]:
+    return cached, False
+  embeddings = retrieval.embed_catalogue(embed_fn, item_tokens, item_mask, batch_size,
+                                         desc="indexing the catalogue")
+  save(folder, embeddings, digest)
+  return embeddings, True

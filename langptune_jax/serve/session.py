@@ -1,0 +1,172 @@
+"""One loaded run, answering one user at a time: write a profile, rank the catalogue with it.
+
+A :class:`Session` holds the profile writer (trained, with its LoRA adapters,
+and its zero-shot twin), the ranking decoder, the dataset and the catalogue
+index. Every jitted call has one fixed shape (a prompt is one row of
+``data.prompt_max_len``, a profile one row of ``data.decoder_max_len``), so
+after the warm-up no request compiles anything. The models are gathered onto
+one device: a single user's request is far too small to split over a mesh.
+Profile writing goes through one lock (one generation at a time); ranking is
+lock-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import threading
+
+import jax
+import numpy as np
+
+from langptune_jax.data import prompts as prompts_lib
+from langptune_jax.models import embedder as embedder_lib
+from langptune_jax.serve import index as index_lib
+from langptune_jax.serve.ranker import Ranker, on_one_device
+from langptune_jax.train import profiles as profiles_lib
+from langptune_jax.train.run_data import RunData
+from langptune_jax.weights import tokenizer as tok_lib
+
+
+class UnknownError(ValueError):
+  """A user id or item the dataset does not have (HTTP 404; exit 2 like every bad input)."""
+
+
+def item_title(text: str) -> str:
+  """The title line of an item text ("Title: X" -> X), else its first line."""
+  first = text.strip().splitlines()[0] if text.strip() else ""
+  return first[len("Title:"):].strip() if first.startswith("Title:") else first
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+  """The profile writer's input for one user, with what ranking must know about them."""
+
+  tokens: np.ndarray  # int32 [1, P], left-padded
+  mask: np.ndarray  # bool [1, P]
+  history: tuple[int, ...]  # item ids, excluded from rankings
+  target: int | None  # the held-out item, for dataset users
+  user: int | None = None
+
+
+class Session:
+  """A loaded run: profile writing and ranking for single users."""
+
+  def __init__(self, config, *, writer, zero_shot_writer, ranker: embedder_lib.Embedder,
+               writer_tokenizer, ranker_tokenizer, data: RunData, index_dir: pathlib.Path,
+               sampling: profiles_lib.SamplingSettings, warm_up: bool = True):
+    self.config = config
+    self.writer, self.zero_shot_writer = on_one_device(writer), on_one_device(zero_shot_writer)
+    self.writer_tokenizer, self.ranker_tokenizer = writer_tokenizer, ranker_tokenizer
+    self.data = data
+    self.sampling = sampling
+    self.prompt_len = int(config.data.prompt_max_len)
+    self.profile_len = int(config.data.decoder_max_len)
+    self.top_k = int(config.serve.top_k)
+    self._lock = threading.Lock()
+    self.ranker = Ranker(ranker, ranker_tokenizer, self.profile_len)
+    self.titles = [item_title(t) for t in data.item_text]
+    self._by_title: dict[str, int] = {}
+    for i, title in enumerate(self.titles):
+      self._by_title.setdefault(title.casefold(), i)
+    self._users = {int(u): (name, row) for name in ("train", "val", "test")
+                   for row, u in enumerate(data.split(name).user)}
+    digest = index_lib.fingerprint(self.ranker.state, data.item_text, self.profile_len)
+    self.item_embeddings, self.index_rebuilt = index_lib.load_or_build(
+        index_dir / index_lib.INDEX_DIR, digest, self.ranker.embed_rows, data.item_tokens,
+        data.item_mask, int(config.decoder.embed_batch_size))
+    if warm_up:
+      self.warm_up()
+
+  # --- users and items ---------------------------------------------------------
+
+  def user_ids(self) -> list[int]:
+    return sorted(self._users)
+
+  def dataset_prompt(self, user: int) -> Prompt:
+    if user not in self._users:
+      raise UnknownError(f"unknown user id {user} (the dataset has ids {min(self._users)}.."
+                         f"{max(self._users)})")
+    name, row = self._users[user]
+    split = self.data.split(name)
+    history = tuple(int(i) for i in split.history[row] if i >= 0)
+    return Prompt(split.prompt_tokens[row:row + 1], split.prompt_mask[row:row + 1].astype(bool),
+                  history, int(split.target[row]), user)
+
+  def resolve_items(self, lines: list[str]) -> list[int]:
+    """History lines (item ids or titles, blank lines skipped) -> item ids."""
+    items = []
+    for number, line in enumerate(lines, 1):
+      text = line.strip()
+      if not text:
+        continue
+      if text.isdigit() and int(text) < len(self.titles):
+        items.append(int(text))
+      elif text.casefold() in self._by_title:
+        items.append(self._by_title[text.casefold()])
+      else:
+        raise UnknownError(f"history line {number}: unknown item {text!r} (not an item id "
+                           f"0..{len(self.titles) - 1} nor a catalogue title)")
+    if not items:
+      raise ValueError("history is empty: give at least one item id or title")
+    return items
+
+  def history_prompt(self, items: list[int]) -> Prompt:
+    """The training prompt for a typed history (item texts, no ratings)."""
+    content = prompts_lib.prompt_content(prompts_lib.resolve_instruction(self.config.data),
+                                         [self.data.item_text[i] for i in items])
+    text = prompts_lib.wrap_chat(self.writer_tokenizer, content)
+    ids = tok_lib.batch_encode(self.writer_tokenizer, [text], add_special_tokens=False)[0]
+    if len(ids) > self.prompt_len:
+      raise ValueError(f"history of {len(items)} items is {len(ids)} prompt tokens; the profile "
+                       f"writer reads at most data.prompt_max_len={self.prompt_len}")
+    pad = self.sampling.pad_id
+    tokens, mask = tok_lib.pad_batch([ids], self.prompt_len, pad, left=True)
+    return Prompt(tokens, mask.astype(bool), tuple(items), None)
+
+  # --- profiles ----------------------------------------------------------------
+
+  def write_profile(self, prompt: Prompt, *, seed: int = 0, temperature: float | None = None,
+                    zero_shot: bool = False) -> str:
+    """One profile; temperature 0 is greedy (default: rl.temperature)."""
+    temperature = self.sampling.temperature if temperature is None else float(temperature)
+    if temperature < 0 or not np.isfinite(temperature):
+      raise ValueError(f"temperature={temperature}: must be >= 0 (0: greedy)")
+    settings = dataclasses.replace(self.sampling, temperature=temperature or 1.0)
+    model = self.zero_shot_writer if zero_shot else self.writer
+    with self._lock:
+      out = profiles_lib.write_profiles(
+          model, prompt.tokens, prompt.mask, settings=settings,
+          encoder_tokenizer=self.writer_tokenizer, decoder_tokenizer=self.ranker_tokenizer,
+          decoder_max_len=self.profile_len, batch_size=1, rng=jax.random.key(int(seed)),
+          greedy=temperature == 0, desc="writing a profile")
+    return out.texts[0]
+
+  # --- ranking -----------------------------------------------------------------
+
+  def check_profile(self, text) -> str:
+    return self.ranker.check_profile(text)
+
+  def rank(self, text: str, *, exclude=(), target: int | None = None, k: int | None = None,
+           previous=None) -> list[dict]:
+    """Top-k items for a profile text: rank, item, score, title, is_target, move.
+
+    `move` is how many places an item rose (+) or fell (-) against `previous`
+    (a ranked list of item ids), None when it was not in that list.
+    """
+    k = self.top_k if k is None else int(k)
+    top, scores = self.ranker.top_k(text, self.item_embeddings, k, exclude)
+    before = {int(item): r for r, item in enumerate(previous or (), 1)}
+    return [{"rank": r, "item": int(i), "score": round(float(score), 6),
+             "title": self.titles[i], "is_target": None if target is None else int(i) == target,
+             "move": before[int(i)] - r if int(i) in before else None}
+            for r, (i, score) in enumerate(zip(top, scores), 1)]
+
+  def warm_up(self) -> None:
+    """Compiles every shape a request uses, so requests never compile."""
+    self.ranker.warm_up()
+    self.rank("warm up")
+    if self._users:
+      prompt = self.dataset_prompt(self.user_ids()[0])
+      self.write_profile(prompt, temperature=0.0)
+      self.write_profile(prompt, temperature=1.0)
