@@ -7,7 +7,8 @@ switches and :class:`Decoder` implements all of them.
 
 Attention masks are built by the caller (causal + padding), as a boolean
 ``[B, T, S]`` array; sliding-window layers add their window restriction from
-slot indices. Rotary angles come only from ``positions`` so left-padded batches
+position differences (slot indices when a cache is used), so packed rows whose
+segments share one prefix (see ``sampling.grouped_sequence_logprobs``) work. Rotary angles come only from ``positions`` so left-padded batches
 work. An optional KV cache (see :meth:`Decoder.init_cache`) supports prefill
 followed by token-by-token decoding.
 """
@@ -239,7 +240,12 @@ class Attention(nnx.Module):
     mask = attention_mask.astype(bool)
     if mask.shape != (b, t, s):
       raise ValueError(f"attention_mask shape {mask.shape}: expected {(b, t, s)}")
-    if self.is_local:
+    if self.is_local and layer_cache is None:
+      # Distance in positions: exact for packed rows whose segments continue a
+      # shared prefix; the same as slots for one left-padded sequence.
+      distance = positions[:, :, None] - positions[:, None, :]
+      mask = mask & (distance < c.sliding_window)
+    elif self.is_local:
       distance = q_slots[:, None] - jnp.arange(s)[None, :]
       mask = mask & (distance < c.sliding_window)[None]
     # Queries as [B, K, G*T, D]: each key/value head's G query heads stacked,
