@@ -93,7 +93,7 @@ def build_state(mode, mesh, remat):
   """A tiny policy (LoRA or top block tuned) moved away from its reference, on `mesh`."""
   model = planted.tiny_encoder(VOCAB, remat=remat)
   if mode == "lora":
-    lora_lib.apply_lora(model, targets=("q_proj", "v_proj", "down_proj", "lm_head"), rank=2,
+    lora_lib.apply_lora(model, targets=("q", "v", "down", "lm_head"), rank=2,
                         alpha=4.0, dropout=0.0, rngs=nnx.Rngs(1))
   reference = finetune.ReferencePolicy.from_model(model, mode, num_layers_unfrozen=1)
   wrt = finetune.model_trainable_filter(model, mode, 1)
