@@ -180,3 +180,49 @@ def test_reused_rollout_logprobs_skip_the_policy_pass():
   expected = np.sum(np.where(batch["response_mask"], token_logp, 0.0), axis=-1)
   np.testing.assert_allclose(np.asarray(reused[0]), expected, atol=1e-5)
   np.testing.assert_allclose(np.asarray(reused[1]), np.asarray(recomputed[1]), atol=1e-6)
+
+
+# Largest |sampler - recomputed| sequence log-prob measured on these prompts (48 new
+# tokens, ~43 per row, sequence log-probs around -105), times about ten.
+ROLLOUT_TOLERANCE = {("float32", "float32"): 1e-3}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,param_dtype", sorted(ROLLOUT_TOLERANCE))
+def test_rollout_logprobs_match_recomputed_on_smollm2(smollm2_gguf, dtype, param_dtype):
+  from langptune_jax.weights import hf as hf_weights
+  from langptune_jax.weights import tokenizer as tok_lib
+
+  tok = tok_lib.load_tokenizer(smollm2_gguf)
+  questions = ["Describe in two sentences what a movie lover enjoys.", "Name a film.",
+               "Write a short profile of a user who likes thrillers and old westerns.",
+               "What kind of books does a reader of space operas like?"]
+  prompts = [tok(tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                         add_generation_prompt=True),
+                 add_special_tokens=False)["input_ids"] for q in questions]
+  length = max(map(len, prompts))
+  tokens = np.zeros((len(prompts), length), np.int32)
+  mask = np.zeros((len(prompts), length), bool)
+  for i, p in enumerate(prompts):
+    tokens[i, length - len(p):], mask[i, length - len(p):] = p, True
+  tokens, mask = np.repeat(tokens, 2, axis=0), np.repeat(mask, 2, axis=0)
+  model, _ = hf_weights.load_decoder(smollm2_gguf, dtype=dtype, param_dtype=param_dtype)
+  out = sampling.sample(model, tokens, mask, rng=jax.random.key(0), max_new_tokens=48,
+                        temperature=1.0, eos_ids=tok_lib.eos_ids(tok), pad_id=tok_lib.pad_id(tok))
+  reused = np.sum(np.where(out.response_mask, np.asarray(out.logprobs), 0.0), axis=-1)
+  recomputed = jax.jit(lambda *a: sampling.grouped_sequence_logprobs(
+      model, *a, group_size=2, temperature=1.0))(tokens, mask, out.tokens, out.response_mask)
+  assert np.all(np.asarray(out.response_mask).sum(axis=1) >= 1)
+  np.testing.assert_allclose(reused, np.asarray(recomputed),
+                             atol=ROLLOUT_TOLERANCE[(dtype, param_dtype)], rtol=0)
+
+
+def test_settings_pick_the_scoring_function():
+  assert settings_for(2, 0, shared=True).sequence_logprobs().func is (
+      sampling.grouped_sequence_logprobs)
+  assert settings_for(2, 0, shared=False).sequence_logprobs() is sampling.sequence_logprobs
+  rl = ml_collections.ConfigDict(dict(num_generations=4, eta=1.0, kl_coef=0.0,
+                                      whiten_rewards=False, temperature=1.0, micro_batch_size=0,
+                                      shared_prompt=False, reuse_rollout_logprobs=True))
+  settings = rlso.RLSOSettings.from_config(rl)
+  assert (settings.shared_prompt, settings.reuse_rollout_logprobs) == (False, True)
