@@ -182,9 +182,12 @@ def test_reused_rollout_logprobs_skip_the_policy_pass():
   np.testing.assert_allclose(np.asarray(reused[1]), np.asarray(recomputed[1]), atol=1e-6)
 
 
-# Largest |sampler - recomputed| sequence log-prob measured on these prompts (48 new
-# tokens, ~43 per row, sequence log-probs around -105), times about ten.
-ROLLOUT_TOLERANCE = {("float32", "float32"): 1e-3}
+# |sampler - recomputed| sequence log-probs measured on these prompts (48 new tokens,
+# ~43 per row, sequence log-probs around -110): float32 at most 1.1e-4; bfloat16
+# compute (float32 weights, the base config) at most 0.62 and 0.25 on average, not
+# negligible next to the KL term and the rewards, hence rl.reuse_rollout_logprobs
+# off by default. The tolerances leave about three to ten times that.
+ROLLOUT_TOLERANCE = {("float32", "float32"): 1e-3, ("bfloat16", "float32"): 2.0}
 
 
 @pytest.mark.slow
