@@ -184,10 +184,11 @@ def test_reused_rollout_logprobs_skip_the_policy_pass():
 
 # |sampler - recomputed| sequence log-probs measured on these prompts (48 new tokens,
 # ~43 per row, sequence log-probs around -110): float32 at most 1.1e-4; bfloat16
-# compute (float32 weights, the base config) at most 0.62 and 0.25 on average, not
-# negligible next to the KL term and the rewards, hence rl.reuse_rollout_logprobs
-# off by default. The tolerances leave about three to ten times that.
-ROLLOUT_TOLERANCE = {("float32", "float32"): 1e-3, ("bfloat16", "float32"): 2.0}
+# compute (float32 weights, the base config) at most 0.96 and 0.35 on average (0.62
+# and 0.25 scored row by row), not negligible next to the KL term and the rewards,
+# hence rl.reuse_rollout_logprobs off by default. The tolerances leave about three to
+# ten times that.
+ROLLOUT_TOLERANCE = {("float32", "float32"): 1e-3, ("bfloat16", "float32"): 3.0}
 
 
 @pytest.mark.slow
