@@ -328,8 +328,7 @@ def worker_torch(args) -> dict:
   rl_metrics = []
   times = _sb._timed(lambda: rl_metrics.append(rlso_update()), args.reps)
   out["rlso"] = {"times": times, "seconds": statistics.median(times),
-                 "reward": rl_metrics[-1]["reward"], "loss": rl_metrics[-1]["loss"],
-                 "pass_s": rl_metrics[-1]["rl_pass/step_time_s"]}
+                 "reward": rl_metrics[-1]["reward"], "loss": rl_metrics[-1]["loss"]}
   out["rollout_s"] = statistics.median(_sb._timed(lambda: rollout(n), args.reps))
 
   out["matmul_flops"] = _sb._torch_matmul_flops(args.matmul_n)
