@@ -18,7 +18,9 @@ The workload is identical on both sides (float32, CPU):
   through MiniLM (every weight trains), forward + backward + AdamW.
 
 Ours is :class:`langptune_jax.train.loop.Trainer` (``rlso_update``) and the CL step
-of :mod:`langptune_jax.train.setup`;
+of :mod:`langptune_jax.train.setup`, the RLSO update
+run twice: with ``rl.shared_prompt`` (each prompt scored once per group, the
+default) and without (every row scores its own copy of the prompt, as torch does);
 torch is HF ``generate`` plus a plain LoRA wrapper, one-forward sequence
 log-probs, the same loss math and ``torch.optim.AdamW``. For the RLSO update
 each side runs in its own subprocess (peak RSS per side); our first call
@@ -128,7 +130,7 @@ def _bert_config(path):
 
 # --- ours -------------------------------------------------------------------
 
-def worker_jax(args) -> dict:
+def worker_jax(args, shared_prompt: bool = True) -> dict:
   import jax
   import numpy as np
   sys.path.insert(0, str(ROOT / "configs"))
@@ -149,7 +151,8 @@ def worker_jax(args) -> dict:
   cfg.rl.update(lr=LR_RL, kl_coef=KL_COEF, prompts_per_update=args.prompts,
                 num_generations=args.group, num_ppo_epochs=args.passes,
                 response_length=args.new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                stop_at_eos=False, micro_batch_size=args.micro_batch, adam_eps=ADAM_EPS)
+                stop_at_eos=False, micro_batch_size=args.micro_batch, adam_eps=ADAM_EPS,
+                shared_prompt=shared_prompt)
   cfg.cl.update(lr=LR_CL, batch_size=args.prompts, temperature=CL_TEMPERATURE,
                 micro_batch_size=0, adam_eps=ADAM_EPS)
   cfg.data.decoder_max_len = args.profile_len
@@ -190,7 +193,8 @@ def worker_jax(args) -> dict:
   times = common.timed(rlso, args.reps)
   out["rlso"] = {"times": times, "seconds": statistics.median(times),
                  "compile_s": max(first - statistics.median(times), 0.0),
-                 "reward": rl_metrics[-1]["reward"], "loss": rl_metrics[-1]["loss"]}
+                 "reward": rl_metrics[-1]["reward"], "loss": rl_metrics[-1]["loss"],
+                 "pass_s": rl_metrics[-1]["rl_pass/step_time_s"]}
 
   # The rollout alone (sampling 16 x new_tokens), to split the update's time.
   with parallel.use_mesh(mesh, trainer.rules):
@@ -420,7 +424,12 @@ def worker_cl(args) -> dict:
           "peak_rss_mib": common.peak_rss_mib()}
 
 
-WORKERS = {"jax": worker_jax, "torch": worker_torch, "cl": worker_cl}
+def worker_jax_unshared(args) -> dict:
+  return worker_jax(args, shared_prompt=False)
+
+
+WORKERS = {"jax": worker_jax, "jax_unshared": worker_jax_unshared, "torch": worker_torch,
+           "cl": worker_cl}
 
 
 # --- driver -----------------------------------------------------------------
@@ -508,6 +517,15 @@ def _table(args, res: dict, loadavg_before, command: str) -> str:
         f"| {theirs['seconds'] / ours['seconds']:.2f}x | {a / 1e9:.1f} "
         f"({a / our_peak:.0%}) | {b / 1e9:.1f} ({b / their_peak:.0%}) "
         f"| {ours['compile_s']:.1f} |")
+  un = res["jax_unshared"]["rlso"]
+  lines.append(
+      f"| RLSO update, shared prompt off | {un['seconds']:.2f} s | {ts['rlso']['seconds']:.2f} s "
+      f"| {ts['rlso']['seconds'] / un['seconds']:.2f}x | {un['flops'] / un['seconds'] / 1e9:.1f} "
+      f"| | {un['compile_s']:.1f} |")
+  lines.append(
+      f"| of which one REBEL pass: shared / off | {js['rlso']['pass_s']:.2f} s / "
+      f"{un['pass_s']:.2f} s | | {un['pass_s'] / js['rlso']['pass_s']:.2f}x (off / shared) "
+      "| | | |")
   lines.append(
       f"| of which rollout ({rows_n} x {args.new_tokens} tokens) | {js['rollout_s']:.2f} s "
       f"| {ts['rollout_s']:.2f} s | {ts['rollout_s'] / js['rollout_s']:.2f}x | | | |")
@@ -517,8 +535,13 @@ def _table(args, res: dict, loadavg_before, command: str) -> str:
       f"| {ts['catalogue_s'] / js['catalogue_s']:.2f}x | | | |")
   lines += [
       "",
+      f"Shared prompt: the RLSO update is {un['seconds'] / js['rlso']['seconds']:.2f}x as fast "
+      f"as with rl.shared_prompt off ({un['seconds']:.2f} s -> {js['rlso']['seconds']:.2f} s); "
+      "the GFLOP/s of both rows count the row-by-row work (the shared prompt does less).",
+      "",
       f"Peak RSS (whole process, including loading and dequantizing the GGUF): ours "
-      f"{js['peak_rss_mib']:.0f} MiB, torch {ts['peak_rss_mib']:.0f} MiB. Model loading: ours "
+      f"{js['peak_rss_mib']:.0f} MiB (shared prompt off: "
+      f"{res['jax_unshared']['peak_rss_mib']:.0f} MiB), torch {ts['peak_rss_mib']:.0f} MiB. Model loading: ours "
       f"{js['load_s']:.1f} s, torch {ts['load_s']:.1f} s. Per-call times (s): ours RLSO "
       f"{', '.join(f'{t:.2f}' for t in js['rlso']['times'])}, torch RLSO "
       f"{', '.join(f'{t:.2f}' for t in ts['rlso']['times'])}; ours CL "

@@ -103,6 +103,8 @@ def get_config() -> ml_collections.ConfigDict:
   rl.prompts_per_update = 64  # global: 16 per device x 4 devices
   rl.num_generations = 2  # G samples per prompt
   rl.micro_batch_size = 0  # prompts per micro-batch (0: whole batch at once)
+  rl.shared_prompt = True  # score each prompt once per group (exact; fewer tokens)
+  rl.reuse_rollout_logprobs = False  # logp_old from the sampler, not a second forward
   rl.num_ppo_epochs = 4
   rl.eta = 1.0
   rl.kl_coef = 0.2

@@ -430,6 +430,8 @@ def _validate_rl(c: _Checker, dp: int | None) -> None:
   c.integer("rl.top_k", lo=0, rule="must be >= 0 (0: no top-k)")
   c.number("rl.top_p", lo=0, hi=1, lo_open=True)
   c.boolean("rl.stop_at_eos")
+  c.boolean("rl.shared_prompt")
+  c.boolean("rl.reuse_rollout_logprobs")
 
 
 def _validate_cl(c: _Checker, dp: int | None) -> None:

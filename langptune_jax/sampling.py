@@ -417,6 +417,75 @@ def sequence_logprobs(model: nnx.Module, prompt_tokens: jax.Array, prompt_mask: 
   return logp
 
 
+def grouped_causal_mask(prompt_mask: jax.Array, response_mask: jax.Array) -> jax.Array:
+  """bool [B, P + G*N, P + G*N] for rows [prompt | response_1 | ... | response_G].
+
+  `response_mask` is [B, G, N]. Prompt queries see the real prompt keys before
+  them; response g sees the real prompt and its own real tokens before it, never
+  another response. Every query also sees itself, as in
+  :func:`causal_padding_mask`, so no softmax row is empty.
+  """
+  b, groups, n = response_mask.shape
+  p = prompt_mask.shape[1]
+  valid = jnp.concatenate([prompt_mask, response_mask.reshape(b, groups * n)], axis=1)
+  segment = jnp.concatenate([jnp.zeros((p,), jnp.int32),
+                             jnp.repeat(jnp.arange(1, groups + 1, dtype=jnp.int32), n)])
+  length = p + groups * n
+  visible = jnp.tril(jnp.ones((length, length), dtype=bool))
+  visible &= (segment[None, :] == 0) | (segment[None, :] == segment[:, None])
+  return (visible[None] & valid[:, None, :]) | jnp.eye(length, dtype=bool)[None]
+
+
+def grouped_sequence_logprobs(model: nnx.Module, prompt_tokens: jax.Array,
+                              prompt_mask: jax.Array, response_tokens: jax.Array,
+                              response_mask: jax.Array, *, group_size: int,
+                              temperature: float = 1.0, return_entropy: bool = False,
+                              chunk_size: int = 128):
+  """:func:`sequence_logprobs` for rows that share their prompt in groups, each prompt run once.
+
+  Rows are prompt-major: rows i*G .. i*G+G-1 (G = `group_size`) carry the same
+  prompt (only the first row's is read). Each group becomes one packed row
+  ``[prompt | response_1 | ... | response_G]`` in which every response attends
+  to the shared prompt keys/values and to its own past, at the positions it has
+  after the prompt alone: the same log-probs as the unpacked rows, with the
+  prompt computed (and differentiated) once instead of G times.
+  """
+  prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
+  response_tokens = jnp.asarray(response_tokens, jnp.int32)
+  prompt_mask = jnp.asarray(prompt_mask, bool)
+  response_mask = jnp.asarray(response_mask, bool)
+  rows, p = prompt_tokens.shape
+  n = response_tokens.shape[1]
+  if rows % group_size:
+    raise ValueError(f"group_size={group_size}: does not divide the {rows} rows")
+  num_groups = rows // group_size
+  prompt = prompt_tokens.reshape(num_groups, group_size, p)[:, 0]
+  prompt_valid = prompt_mask.reshape(num_groups, group_size, p)[:, 0]
+  response_valid = response_mask.reshape(num_groups, group_size, n)
+  tokens = jnp.concatenate([prompt, response_tokens.reshape(num_groups, group_size * n)], axis=1)
+  # Each response continues the prompt's positions, as if it followed it alone.
+  prompt_len = jnp.sum(prompt_valid.astype(jnp.int32), axis=1)
+  response_positions = jnp.maximum(
+      prompt_len[:, None, None] + jnp.cumsum(response_valid.astype(jnp.int32), axis=-1) - 1, 0)
+  positions = jnp.concatenate([positions_from_mask(prompt_valid),
+                               response_positions.reshape(num_groups, group_size * n)], axis=1)
+  hidden, _ = model(tokens, positions, grouped_causal_mask(prompt_valid, response_valid), None,
+                    return_hidden=True)
+  # Token j of response g is predicted by the last prompt slot (j = 0) or by
+  # the response's own previous slot.
+  starts = p + n * jnp.arange(group_size)[:, None] + jnp.arange(n)[None, :] - 1
+  source = jnp.where(jnp.arange(n)[None, :] == 0, p - 1, starts).reshape(-1)
+  hidden = hidden[:, source].reshape(rows, n, hidden.shape[-1])
+  picked, ent = _chunked_logprobs(model, hidden, response_tokens, temperature, chunk_size,
+                                  return_entropy)
+  weights = response_mask.astype(jnp.float32)
+  logp = jnp.sum(picked * weights, axis=-1)
+  if return_entropy:
+    count = jnp.maximum(jnp.sum(weights, axis=-1), 1.0)
+    return logp, jnp.sum(ent * weights, axis=-1) / count
+  return logp
+
+
 def reference_token_logprobs(reference, model: nnx.Module, tokens, mask, *,
                              temperature: float = 1.0, chunk_size: int = 128):
   """Per-token log-probs under a :class:`models.finetune.ReferencePolicy`, no gradient."""

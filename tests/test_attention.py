@@ -79,3 +79,42 @@ def test_causal_chunks_equal_one_pass_on_every_query_that_sees_a_key(num_chunks)
                              atol=1e-5)
   for got, want in zip(got_vjp(cotangent), want_vjp(cotangent)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["xla", "cudnn"])
+@pytest.mark.parametrize("local", [False, True])
+def test_fused_attention_by_config_matches_masked(impl, local):
+  """jax.nn.dot_product_attention ('xla'; 'cudnn' falls back off GPU) scores as our kernel."""
+  import sys
+
+  from flax import nnx
+
+  sys.path.insert(0, __file__.rsplit("/", 1)[0])
+  import planted
+
+  from langptune_jax import sampling
+
+  extra = dict(sliding_window=3, layer_types=("local", "global")) if local else {}
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(4, 24, (4, 12)), jnp.int32)
+  mask = jnp.asarray(np.arange(12)[None] >= np.array([[0], [3], [5], [1]]))
+  outs = []
+  for name in ("masked", impl):
+    model = planted.tiny_encoder(24, attention_impl=name, **extra)
+    graphdef, params = nnx.split(model)
+
+    def score(p):
+      logp = sampling.token_logprobs(nnx.merge(graphdef, p), tokens, mask)
+      return jnp.sum(logp) / 48, logp
+
+    outs.append(jax.jit(jax.value_and_grad(score, has_aux=True))(params))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), outs[0], outs[1])
+  assert float(jnp.min(outs[0][0][1])) < -1.0
+
+
+def test_unknown_attention_impl_is_an_error():
+  from langptune_jax.models import transformer
+  with pytest.raises(ValueError, match="attention_impl='flash'"):
+    transformer.DecoderConfig(family="llama", vocab_size=8, embed_dim=8, num_layers=1,
+                              num_heads=2, num_kv_heads=1, head_dim=4, mlp_dim=8,
+                              attention_impl="flash")

@@ -7,7 +7,8 @@ switches and :class:`Decoder` implements all of them.
 
 Attention masks are built by the caller (causal + padding), as a boolean
 ``[B, T, S]`` array; sliding-window layers add their window restriction from
-slot indices. Rotary angles come only from ``positions`` so left-padded batches
+position differences (slot indices when a cache is used), so packed rows whose
+segments share one prefix (see ``sampling.grouped_sequence_logprobs``) work. Rotary angles come only from ``positions`` so left-padded batches
 work. An optional KV cache (see :meth:`Decoder.init_cache`) supports prefill
 followed by token-by-token decoding.
 """
@@ -31,6 +32,10 @@ from langptune_jax.models import lora as lora_lib
 FAMILIES = ("llama", "gemma", "gemma2", "gemma3")
 ACTIVATIONS = ("silu", "gelu_tanh")
 REMAT_POLICIES = ("none", "full", "dots")
+# Attention kernel of the scoring/training forwards (no cache): the hand-written
+# masked attention (tuned for XLA:CPU), or jax.nn.dot_product_attention with
+# XLA's or cuDNN's implementation. 'cudnn' off a GPU falls back to 'masked'.
+ATTENTION_IMPLS = ("masked", "xla", "cudnn")
 
 Cache = dict[str, Any]
 
@@ -73,6 +78,7 @@ class DecoderConfig:
   dtype: Any = "float32"
   param_dtype: Any = "float32"
   remat: str = "none"
+  attention_impl: str = "masked"  # one of ATTENTION_IMPLS
   bos_id: int | None = None
   eos_ids: tuple[int, ...] = ()
   pad_id: int | None = None
@@ -85,6 +91,9 @@ class DecoderConfig:
       raise ValueError(f"DecoderConfig.act={self.act!r}: expected one of {ACTIVATIONS}")
     if self.remat not in REMAT_POLICIES:
       raise ValueError(f"DecoderConfig.remat={self.remat!r}: expected one of {REMAT_POLICIES}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"DecoderConfig.attention_impl={self.attention_impl!r}: expected one of "
+                       f"{ATTENTION_IMPLS}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"DecoderConfig.num_heads={self.num_heads} is not a multiple of "
                        f"num_kv_heads={self.num_kv_heads}")
@@ -215,6 +224,10 @@ class Attention(nnx.Module):
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
 
+    fused = self._fused_impl(layer_cache, t)
+    if fused is not None:
+      return self._fused_attention(q, k, v, attention_mask, positions, fused), None
+
     # Keys and values as [B, K, S, D]: each (row, head) is one contiguous [S, D]
     # matrix, the layout both attention matmuls read without re-laying out the
     # cache (a [B, S, K, D] cache was transposed whole at every decode step).
@@ -239,7 +252,12 @@ class Attention(nnx.Module):
     mask = attention_mask.astype(bool)
     if mask.shape != (b, t, s):
       raise ValueError(f"attention_mask shape {mask.shape}: expected {(b, t, s)}")
-    if self.is_local:
+    if self.is_local and layer_cache is None:
+      # Distance in positions: exact for packed rows whose segments continue a
+      # shared prefix; the same as slots for one left-padded sequence.
+      distance = positions[:, :, None] - positions[:, None, :]
+      mask = mask & (distance < c.sliding_window)
+    elif self.is_local:
       distance = q_slots[:, None] - jnp.arange(s)[None, :]
       mask = mask & (distance < c.sliding_window)[None]
     # Queries as [B, K, G*T, D]: each key/value head's G query heads stacked,
@@ -262,6 +280,30 @@ class Attention(nnx.Module):
     out = parallel.constrain(out, ("activation_batch", "length", "heads", "head_dim"))
     out = self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim))
     return out, new_cache
+
+  def _fused_impl(self, layer_cache, t) -> str | None:
+    """The jax.nn.dot_product_attention implementation to use, or None for our own kernels."""
+    impl = self.config.attention_impl
+    if impl == "masked" or layer_cache is not None or t == 1 or self.config.attn_logit_softcap:
+      return None
+    if impl == "cudnn" and jax.default_backend() != "gpu":
+      return None
+    return impl
+
+  def _fused_attention(self, q, k, v, attention_mask, positions, impl):
+    """[B, T, H, D] queries over the same T keys, by jax.nn.dot_product_attention."""
+    c = self.config
+    b, t = q.shape[:2]
+    mask = attention_mask.astype(bool)
+    if mask.shape != (b, t, t):
+      raise ValueError(f"attention_mask shape {mask.shape}: expected {(b, t, t)}")
+    mask &= jnp.tril(jnp.ones((t, t), bool))[None]  # a causal LM, whatever the mask says
+    if self.is_local:
+      mask &= (positions[:, :, None] - positions[:, None, :]) < c.sliding_window
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=c.attn_scale,
+                                       implementation=impl)
+    out = parallel.constrain(out, ("activation_batch", "length", "heads", "head_dim"))
+    return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim))
 
   def _decode_step_attention(self, q, k, v, mask):
     """One query per row: products and sums beat B*K tiny matmuls on CPU."""

@@ -253,7 +253,8 @@ class Trainer:
              "response_tokens": response_tokens, "response_mask": response_mask}
     logp_old, logp_ref, _ = self.policy_logprobs(
         self.encoder_state.state, self.reference,
-        parallel.global_batch(batch, self.mesh, self.rules))
+        parallel.global_batch(rlso.scoring_batch(batch, out, self.rl_settings), self.mesh,
+                              self.rules))
     total_reward, kl = rlso.shaped_rewards(task_reward, logp_old, logp_ref, self.rl_settings)
     batch.update(logp_old=logp_old, total_reward=total_reward, task_reward=task_reward, kl=kl)
     batch = {k: np.asarray(jax.device_get(v)) for k, v in batch.items()}

@@ -5,18 +5,23 @@ One update:
      prompt i owns rows i*G .. i*G+G-1);
   2. reward: each profile is embedded by the decoder and the target's rank in
      the catalogue gives NDCG or MRR (over-length profiles get the penalty);
-  3. logp_old (the policy at rollout time) and logp_ref (the reference model);
+  3. logp_old (the policy at rollout time: recomputed, or the sampler's own
+     log-probs with rl.reuse_rollout_logprobs) and logp_ref (the reference model);
      total reward = reward - kl_coef * (logp_old - logp_ref), optionally whitened;
   4. ``num_ppo_epochs`` shuffled passes over the rollout batch; each pass
      accumulates the REBEL pairwise regression loss over micro-batches and takes
      one optimizer step.
 Steps 2-4 are jitted with explicit shardings; text decoding of the profiles for
-the decoder's tokenizer happens on the host between them.
+the decoder's tokenizer happens on the host between them. With rl.shared_prompt
+the scoring and update passes run each prompt once per group and let its G
+responses attend to it (``sampling.grouped_sequence_logprobs``): the same
+numbers, P + G*R tokens per group instead of G*(P+R).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -40,12 +45,20 @@ class RLSOSettings:
   temperature: float
   micro_batch_size: int  # prompts per micro-batch; 0: the whole batch
   whiten_chunk: int = 0  # whitening scope in rows; 0: the whole batch
+  shared_prompt: bool = True  # each prompt run once per group in scoring and update passes
+  reuse_rollout_logprobs: bool = False  # logp_old from the sampler instead of a forward pass
 
   @classmethod
   def from_config(cls, rl) -> "RLSOSettings":
     return cls(int(rl.num_generations), float(rl.eta), float(rl.kl_coef),
                bool(rl.whiten_rewards), float(rl.temperature), int(rl.micro_batch_size),
-               int(rl.get("whiten_chunk", 0)))
+               int(rl.whiten_chunk), bool(rl.shared_prompt), bool(rl.reuse_rollout_logprobs))
+
+  def sequence_logprobs(self):
+    """The scoring function of the passes: grouped (shared prompt) or row by row."""
+    if self.shared_prompt:
+      return functools.partial(sampling.grouped_sequence_logprobs, group_size=self.group_size)
+    return sampling.sequence_logprobs
 
 
 def shaped_rewards(task_reward, logp_old, logp_ref, settings: RLSOSettings):
@@ -74,7 +87,7 @@ def rlso_loss_and_grads(model: nnx.Module, wrt, batch: dict, settings: RLSOSetti
 
   def micro_loss(params, mb):
     policy = nnx.merge(graphdef, params, rest)
-    logp_new, entropy = sampling.sequence_logprobs(
+    logp_new, entropy = settings.sequence_logprobs()(
         policy, mb["prompt_tokens"], mb["prompt_mask"], mb["response_tokens"],
         mb["response_mask"], temperature=settings.temperature, return_entropy=True)
     loss = losses.rebel_loss(logp_new, mb["logp_old"], mb["total_reward"],
@@ -130,10 +143,13 @@ def make_policy_logprobs(train_state: state_lib.TrainState, mesh, settings: RLSO
   def one_chunk(model, reference, chunk):
     args = (chunk["prompt_tokens"], chunk["prompt_mask"], chunk["response_tokens"],
             chunk["response_mask"])
-    logp_old, entropy = sampling.sequence_logprobs(
-        model, *args, temperature=settings.temperature, return_entropy=True)
-    logp_ref = reference.apply(sampling.sequence_logprobs, model, *args,
-                               temperature=settings.temperature)
+    score = settings.sequence_logprobs()
+    logp_ref = reference.apply(score, model, *args, temperature=settings.temperature)
+    if settings.reuse_rollout_logprobs:
+      logp_old = jnp.sum(jnp.where(chunk["response_mask"], chunk["rollout_logprobs"], 0.0), axis=-1)
+      return logp_old, logp_ref, jnp.zeros_like(logp_old)
+    logp_old, entropy = score(model, *args, temperature=settings.temperature,
+                              return_entropy=True)
     return logp_old, logp_ref, entropy
 
   def fn(state, reference, batch):
@@ -149,8 +165,16 @@ def make_policy_logprobs(train_state: state_lib.TrainState, mesh, settings: RLSO
       out = jax.lax.map(lambda chunk: one_chunk(model, reference, chunk), chunked)
       return tuple(state_lib.from_micro_batches(x, settings.group_size) for x in out)
 
-  shardings = {k: parallel.batch_sharding(mesh, 2, rules) for k in PASS_KEYS[:4]}
+  keys = PASS_KEYS[:4] + (("rollout_logprobs",) if settings.reuse_rollout_logprobs else ())
+  shardings = {k: parallel.batch_sharding(mesh, 2, rules) for k in keys}
   return jax.jit(fn, in_shardings=(train_state.shardings, None, shardings))
+
+
+def scoring_batch(batch: dict, rollout: sampling.SampleOutput, settings: RLSOSettings) -> dict:
+  """The input of :func:`make_policy_logprobs`: `batch` plus the sampler's log-probs if reused."""
+  if not settings.reuse_rollout_logprobs:
+    return batch
+  return dict(batch, rollout_logprobs=np.asarray(jax.device_get(rollout.logprobs), np.float32))
 
 
 def repeat_prompts(batch: dict, group_size: int) -> dict:
