@@ -27,6 +27,7 @@ def run(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("leakage")
   cfg = test_train.planted_config(**test_train.RUN_OVERRIDES)
   cfg.eval.bootstrap_samples = 200
+  cfg.eval.baselines = ("reference_query", "history", "popularity", "random", "sasrec")
   trainer = test_train.make_trainer(cfg, workdir, num_devices=1)
   seen = {"cl_profiles": set(), "rl_prompts": set(), "sasrec_sequences": []}
   write_profiles, rlso_update = trainer.write_profiles, trainer.rlso_update
