@@ -6,6 +6,7 @@ deleted file, a second process, SIGKILL) on tiny models and small inputs, then
 checks the tool reports it in one line and loses or half-writes nothing.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -91,7 +92,7 @@ def _copy_run(stopped_run, tmp_path):
 def _restore(workdir):
   trainer = make_trainer(planted_config(), workdir)
   try:
-    return trainer.restore(), dict(trainer.position), params(trainer)
+    return trainer.restore(), dataclasses.asdict(trainer.position), params(trainer)
   finally:
     trainer.close()
 

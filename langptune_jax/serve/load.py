@@ -75,25 +75,10 @@ def _from_export(config, workdir, export_dir: pathlib.Path, warm_up: bool) -> Se
   trained = writer(export_dir / "encoder")
   writer_tokenizer = tok_lib.load_tokenizer(str(export_dir / "encoder"))
   sampling = profiles_lib.SamplingSettings.from_config(
-      config, _eos_ids(writer_tokenizer, trained), _pad_id(writer_tokenizer))
+      config, profiles_lib.eos_ids(writer_tokenizer, trained), tok_lib.pad_id(writer_tokenizer))
   return Session(config, writer=trained, zero_shot_writer=writer(enc.path), ranker=ranker,
                  writer_tokenizer=writer_tokenizer,
                  ranker_tokenizer=tok_lib.load_tokenizer(str(export_dir / "decoder")),
                  data=commands.load_run_data(config, workdir), index_dir=export_dir,
                  sampling=sampling, warm_up=warm_up)
 
-
-def _eos_ids(tokenizer, model) -> tuple[int, ...]:
-  ids = set(getattr(model.config, "eos_ids", None) or ())
-  if getattr(tokenizer, "eos_token_id", None) is not None:
-    ids.add(int(tokenizer.eos_token_id))
-  if not ids:
-    raise ValueError("the profile writer has no EOS token id (neither config nor tokenizer)")
-  return tuple(sorted(int(i) for i in ids))
-
-
-def _pad_id(tokenizer) -> int:
-  for attr in ("pad_token_id", "eos_token_id"):
-    if getattr(tokenizer, attr, None) is not None:
-      return int(getattr(tokenizer, attr))
-  return 0
