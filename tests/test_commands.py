@@ -19,13 +19,13 @@ import transformers
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 
+import serve_fixtures  # noqa: E402
 import tiny  # noqa: E402
 
 from langptune_jax import config as config_lib  # noqa: E402
 from langptune_jax import parallel  # noqa: E402
 from langptune_jax.models import embedder as embedder_lib  # noqa: E402
 from langptune_jax.train import commands  # noqa: E402
-from langptune_jax.weights import tokenizer as tok_lib  # noqa: E402
 
 CL_USERS = 24
 
@@ -33,16 +33,7 @@ CL_USERS = 24
 @pytest.fixture(scope="module")
 def encoder_dir(tmp_path_factory, smollm2_gguf):
   """A 1-block random Llama over the SmolLM2 vocabulary, with its tokenizer."""
-  path = tmp_path_factory.mktemp("tiny_encoder")
-  tokenizer = tok_lib.load_tokenizer(smollm2_gguf)
-  torch.manual_seed(0)
-  config = transformers.LlamaConfig(
-      vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-  transformers.LlamaForCausalLM(config).save_pretrained(path)
-  tokenizer.save_pretrained(str(path))
-  return str(path)
+  return serve_fixtures.tiny_writer_dir(tmp_path_factory.mktemp("tiny_encoder"), smollm2_gguf)
 
 
 def run_config(encoder_dir, minilm_dir, ml100k_dir):

@@ -132,9 +132,7 @@ def export_decoder(model: Decoder, out_dir: str | os.PathLike, *, dtype="float32
   out_dir = Path(out_dir).expanduser()
   if jax.process_index() != 0:
     return out_dir
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = fs.temp_dir(out_dir.parent, prefix=f".{out_dir.name}.")
-  try:
+  with staged_dir(out_dir, overwrite=True) as tmp:
     write_safetensors(tmp / hf_weights.SINGLE_FILE, state)
     (tmp / hf_weights.CONFIG_FILE).write_text(
         json.dumps(config_to_hf(_exported_config(model), np_dtype), indent=2))
@@ -147,17 +145,6 @@ def export_decoder(model: Decoder, out_dir: str | os.PathLike, *, dtype="float32
         src = Path(tokenizer_dir) / name
         if src.is_file():
           shutil.copy2(src, tmp / name)
-    if out_dir.exists():
-      old = out_dir.with_name(f".{out_dir.name}.old")
-      shutil.rmtree(old, ignore_errors=True)
-      os.replace(out_dir, old)
-      os.replace(tmp, out_dir)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   return out_dir
 
 
