@@ -129,10 +129,10 @@ def evaluate(config, workdir) -> int:
     restored = trainer.restore()
     tag = (f"checkpoint_iteration_{trainer.position.iteration}" if restored
            else "untrained")
-    if split not in trainer.zero_shot_texts:
+    if split not in trainer.evaluator.zero_shot_texts:
       trainer.evaluate("zero_shot", split=split, baselines=True, write_records=False)
     trainer.evaluate(f"evaluate_{tag}_{split}", split=split,
-                     baselines=not trainer.reference_ranks.get(split))
+                     baselines=not trainer.evaluator.reference_ranks.get(split))
     entry = trainer.history[-1]
     path = os.path.join(workdir, f"evaluate_{tag}_{split}.json")
     with open(path + ".tmp", "w") as f:
