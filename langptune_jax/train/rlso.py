@@ -52,7 +52,9 @@ class RLSOSettings:
   def from_config(cls, rl) -> "RLSOSettings":
     return cls(int(rl.num_generations), float(rl.eta), float(rl.kl_coef),
                bool(rl.whiten_rewards), float(rl.temperature), int(rl.micro_batch_size),
-               int(rl.whiten_chunk), bool(rl.shared_prompt), bool(rl.reuse_rollout_logprobs))
+               # Sections without these fields (tests, older configs): the behaviour before them.
+               int(getattr(rl, "whiten_chunk", 0)), bool(getattr(rl, "shared_prompt", True)),
+               bool(getattr(rl, "reuse_rollout_logprobs", False)))
 
   def sequence_logprobs(self):
     """The scoring function of the passes: grouped (shared prompt) or row by row."""
