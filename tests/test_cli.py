@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from cpu_devices import xla_flags
 
 from langptune_jax import main
 
@@ -36,7 +37,7 @@ def runs(tmp_path_factory):
   workdir = tmp / "run"
   (tmp / "broken.py").write_text("def get_config(:\n")
   (tmp / "raising.py").write_text("def get_config():\n  raise ValueError('boom')\n")
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+  env = {**os.environ, "XLA_FLAGS": xla_flags(8),
          "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
   procs = {}
   for name, args in CASES.items():

@@ -121,8 +121,10 @@ def _iteration(mesh, local_rows):
 
 def _worker(pid: int, port: int, out: str) -> None:
   os.environ["JAX_PLATFORMS"] = "cpu"
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+  from cpu_devices import xla_flags  # pylint: disable=g-import-not-at-top
+  os.environ["XLA_FLAGS"] = xla_flags(2)
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from cpu_devices import xla_flags
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
@@ -171,7 +172,7 @@ def test_put_and_global_batch():
 
 _WORKER = textwrap.dedent("""
     import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ["XLA_FLAGS"] = "{flags}"
     os.environ["JAX_PLATFORMS"] = "cpu"
     import jax, numpy as np
     import ml_collections
@@ -196,7 +197,7 @@ def _free_port() -> int:
 @pytest.mark.multiprocess
 def test_two_processes_build_one_mesh_and_global_batch(tmp_path):
   script = tmp_path / "worker.py"
-  script.write_text(_WORKER)
+  script.write_text(_WORKER.replace("{flags}", xla_flags(4)))
   port = str(_free_port())
   env = {**os.environ, "PYTHONPATH": str(REPO)}
   env.pop("XLA_FLAGS", None)
