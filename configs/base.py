@@ -78,7 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
   r.normalize = True
   r.num_layers_unfrozen = -1  # -1: the whole decoder trains; N: only the top N layers
   r.embed_batch_size = 64  # items per batch when embedding the catalogue
-  r.remat = False  # recompute each block in the backward pass (CL steps)
+  r.remat = "none"  # none | full: recompute each block in the backward pass (CL steps)
   r.attention = "einsum"  # einsum | fused (jax.nn.dot_product_attention; right padding only)
   r.preset = ""  # model shape without weights for `plan` (e.g. mxbai-embed-large-v1)
 

@@ -23,6 +23,9 @@ DECODER_FAMILIES = ("bert",) + ENCODER_FAMILIES
 DTYPES = ("float32", "bfloat16", "float16")
 TRAINING_MODES = ("lora", "partial", "full")
 REMAT_MODES = ("none", "full", "dots")
+# The recommender's blocks are recomputed whole or not at all (models.embedder.REMAT_MODES).
+DECODER_REMAT_MODES = ("none", "full")
+DECODER_ATTENTIONS = ("einsum", "fused")
 POOLINGS = ("cls", "mean", "last")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down", "lm_head")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -152,6 +155,7 @@ class _Checker:
   def __init__(self, config):
     self.config = config
     self.failures: list[str] = []
+    self.ruled: set[str] = set()  # fields a rule looked at (every leaf must be one)
 
   def get(self, key):
     return get_field(self.config, key, _MISSING)
@@ -161,6 +165,7 @@ class _Checker:
     self.failures.append(f"{key}={shown}: {rule}")
 
   def typed(self, key, kinds, kind_name) -> Any:
+    self.ruled.add(key)
     value = self.get(key)
     if value is _MISSING:
       self.fail(key, value, "required field is missing")
@@ -260,8 +265,21 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   if num_devices is None:
     import jax  # a late import keeps config loading free of backend start-up
     num_devices = jax.device_count()
+  c = _check(config, num_devices, require_data, check_paths)
+  if c.failures:
+    raise ConfigError(c.failures)
+  return config
+
+
+def ruled_fields(config: ml_collections.ConfigDict, num_devices: int = 1) -> set[str]:
+  """The dotted fields `validate` applies a rule to (each leaf of the schema must be one)."""
+  return _check(config, num_devices, require_data=False, check_paths=False).ruled
+
+
+def _check(config, num_devices: int, require_data: bool, check_paths: bool) -> _Checker:
   c = _Checker(config)
   c.integer("seed", lo=0)
+  c.string("workdir")
 
   _validate_data(c, require_data)
   _validate_models(c)
@@ -274,9 +292,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   _validate_serving(c)
   if check_paths:
     _validate_paths(c)
-  if c.failures:
-    raise ConfigError(c.failures)
-  return config
+  return c
 
 
 def _validate_data(c: _Checker, require_data: bool) -> None:
@@ -330,6 +346,19 @@ def _validate_models(c: _Checker) -> None:
   c.boolean("decoder.normalize")
   c.integer("decoder.num_layers_unfrozen", lo=-1, rule="must be -1 (all layers) or >= 0")
   c.integer("decoder.embed_batch_size", lo=1)
+  c.string("decoder.remat", DECODER_REMAT_MODES)
+  c.string("decoder.attention", DECODER_ATTENTIONS)
+  _check_preset(c, "encoder", bert=False)
+  _check_preset(c, "decoder", bert=c.get("decoder.family") == "bert")
+
+
+def _check_preset(c: _Checker, section: str, bert: bool) -> None:
+  preset = c.string(f"{section}.preset")
+  if _ok(preset) and preset:
+    from langptune_jax.models import presets
+    table = presets.ENCODERS if bert else presets.DECODERS
+    c.rule(presets.is_known(preset, table), f"{section}.preset", preset,
+           f"must be empty (the shape from {section}.path) or one of {', '.join(table)}")
 
 
 def _validate_lora(c: _Checker) -> None:
@@ -351,6 +380,7 @@ def _validate_mesh(c: _Checker, num_devices: int) -> int | None:
   for axis in parallel.MESH_AXES:
     sizes_ok &= c.integer(f"mesh.{axis}") is not _MISSING
   rules = c.get("mesh.rules")
+  c.ruled.add("mesh.rules")
   rules_ok = True
   if rules is not None and rules is not _MISSING:
     try:
@@ -476,6 +506,7 @@ def _validate_schedule_and_eval(c: _Checker) -> None:
   c.integer("baselines.history_steps", lo=0)
   c.integer("eval.max_users", lo=0, rule="must be >= 0 (0: the whole split)")
   c.boolean("eval.greedy")
+  c.integer("eval.sasrec_steps", lo=1)
   c.sequence("eval.baselines", lambda b: b in BASELINES,
              f"each baseline must be one of {', '.join(BASELINES)}", nonempty=False)
 
@@ -489,9 +520,9 @@ def _validate_runtime(c: _Checker) -> None:
   c.boolean("logging.tensorboard")
   c.boolean("logging.jsonl")
   c.integer("logging.num_sample_profiles", lo=0)
-  if c.boolean("profile.enabled") is True:
-    c.integer("profile.start_step", lo=0)
-    c.integer("profile.num_steps", lo=1)
+  c.boolean("profile.enabled")
+  c.integer("profile.start_step", lo=0)
+  c.integer("profile.num_steps", lo=1)
   c.number("profile.peak_tflops", lo=0, rule="must be >= 0 (0: look up the chip)")
   c.boolean("distributed.initialize")
   c.string("distributed.coordinator_address")

@@ -220,7 +220,8 @@ def _load_config():
 
 
 def _maybe_initialize_distributed(config) -> None:
-  # Joins a multi-host run when the config or the environment describes one.
+  # Joins a multi-host run when the config or the environment describes one. This runs
+  # before validation (which counts the devices), so it reads the raw section.
   from langptune_jax import distributed
   distributed.initialize(config.distributed)
 
@@ -296,7 +297,8 @@ def info_command(config, workdir) -> int:
   import jax
 
   from langptune_jax import parallel
-  mesh = parallel.make_mesh(config.mesh)
+  from langptune_jax import settings as settings_lib
+  mesh = parallel.make_mesh(settings_lib.from_config(config).mesh)
   sizes = dict(mesh.shape)
   print("config:")
   for key, value in config_lib.flatten(config).items():

@@ -14,6 +14,7 @@ import os
 import pathlib
 from typing import Any
 
+from langptune_jax import settings as settings_lib
 from langptune_jax.config import ConfigError
 
 
@@ -36,24 +37,25 @@ def max_positions(path: str | os.PathLike) -> int | None:
   return int(value) if isinstance(value, (int, float)) and value > 0 else None
 
 
-def problems(config: Any) -> list[str]:
+def problems(config: settings_lib.Settings | Any) -> list[str]:
   """One `field=value: rule` line per length the models cannot hold."""
+  s = settings_lib.of(config)
   out = []
-  decoder_len = int(config.data.decoder_max_len)
-  limit = max_positions(config.decoder.path) if config.decoder.path else None
+  decoder_len = s.data.decoder_max_len
+  limit = max_positions(s.decoder.path) if s.decoder.path else None
   if limit is not None and decoder_len > limit:
     out.append(f"data.decoder_max_len={decoder_len}: must be <= {limit}, the "
-               f"max_position_embeddings of decoder.path={str(config.decoder.path)!r}")
-  prompt, response = int(config.data.prompt_max_len), int(config.rl.response_length)
-  limit = max_positions(config.encoder.path) if config.encoder.path else None
+               f"max_position_embeddings of decoder.path={s.decoder.path!r}")
+  prompt, response = s.data.prompt_max_len, s.rl.response_length
+  limit = max_positions(s.encoder.path) if s.encoder.path else None
   if limit is not None and prompt + response > limit:
     out.append(f"data.prompt_max_len={prompt}: prompt + rl.response_length = {prompt} + "
                f"{response} = {prompt + response} must be <= {limit}, the position limit of "
-               f"encoder.path={str(config.encoder.path)!r}")
+               f"encoder.path={s.encoder.path!r}")
   return out
 
 
-def check(config: Any) -> None:
+def check(config: settings_lib.Settings | Any) -> None:
   """Raises ConfigError (one line per problem) when a length does not fit the models."""
   found = problems(config)
   if found:

@@ -89,6 +89,14 @@ RULES = [
      "encoder.num_layers_unfrozen=0: must be >= 1 when encoder.training='partial'"),
     ({"distributed.num_processes": 2, "distributed.process_id": 2},
      "distributed.process_id=2: must be < distributed.num_processes=2"),
+    ({"decoder.attention": "flash"}, "decoder.attention='flash': must be one of einsum, fused"),
+    ({"decoder.remat": "dots"}, "decoder.remat='dots': must be one of none, full"),
+    ({"encoder.preset": "gpt-9"}, "encoder.preset='gpt-9': must be empty (the shape from "
+     "encoder.path) or one of gemma-2b-it"),
+    ({"decoder.preset": "gemma-2b-it"}, "decoder.preset='gemma-2b-it': must be empty (the shape "
+     "from decoder.path) or one of mxbai-embed-large-v1"),
+    ({"eval.sasrec_steps": 0}, "eval.sasrec_steps=0: must be >= 1"),
+    ({"profile.num_steps": 0}, "profile.num_steps=0: must be >= 1"),
 ]
 
 

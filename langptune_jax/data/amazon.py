@@ -27,6 +27,7 @@ import tqdm
 
 from langptune_jax.data import core, review_scan
 from langptune_jax.data import prompts as prompts_lib
+from langptune_jax.settings import DataSettings
 
 DataError = core.DataError
 
@@ -243,11 +244,10 @@ def _rating(value: float) -> Any:
   return round(float(value), 4)
 
 
-def load(cfg: Any, skips: core.SkipLog, log: core.FilterLog) -> core.Source:
+def load(cfg: DataSettings, skips: core.SkipLog, log: core.FilterLog) -> core.Source:
   """Reads an Amazon category into a `core.Source` (docs/method.md §2, steps 1-2)."""
-  src = AmazonSource(cfg.get("reviews", ""), cfg.get("meta", ""), skips, log,
-                     scan_workers=int(cfg.get("scan_workers", 0)),
-                     keep_duplicates=bool(cfg.get("keep_duplicate_reviews", True)))
+  src = AmazonSource(cfg.reviews, cfg.meta, skips, log, scan_workers=cfg.scan_workers,
+                     keep_duplicates=cfg.keep_duplicate_reviews)
   for field, path in (("data.reviews", src.reviews_path), ("data.meta", src.meta_path)):
     if not path or not pathlib.Path(path).expanduser().is_file():
       raise DataError(f"{field} file not found: {path or '(empty)'}")
@@ -256,11 +256,10 @@ def load(cfg: Any, skips: core.SkipLog, log: core.FilterLog) -> core.Source:
   log.stages.append({"filter": "reviews kept after validation", "interactions_after": len(inter),
                      "review_lines": src.num_review_lines})
   before = inter.counts()
-  inter = core.first_users(inter, int(cfg.get("max_users", 0)))
+  inter = core.first_users(inter, cfg.max_users)
   if before != inter.counts():
-    log.record(f"max_users({cfg.get('max_users')})", before, inter.counts(),
-               "raise data.max_users")
-  inter = core.apply_kcore(inter, int(cfg.get("k_core", 5)), log, "k-core")
+    log.record(f"max_users({cfg.max_users})", before, inter.counts(), "raise data.max_users")
+  inter = core.apply_kcore(inter, cfg.k_core, log, "k-core")
   src.keep_offsets_of(inter.ref)
   src._texts_cache = {}
 

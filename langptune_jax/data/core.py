@@ -28,6 +28,7 @@ import numpy as np
 import tqdm
 
 from langptune_jax.data import prompts as prompts_lib
+from langptune_jax.settings import DataSettings
 from langptune_jax.weights import tokenizer as tok_lib
 
 
@@ -254,15 +255,11 @@ class _PromptCache:
     return self._last_keys[user]
 
 
-def build_splits(source: Source, cfg: Any, enc_tok, dec_tok, log: FilterLog,
+def build_splits(source: Source, cfg: DataSettings, enc_tok, dec_tok, log: FilterLog,
                  seed: int) -> Prepared:
-  """docs/method.md §2 steps 3-6 on a source's interaction table."""
-  history_len = int(cfg.get("history_len", 4))
-  dec_max = int(cfg.get("decoder_max_len", 512))
-  prompt_max = int(cfg.get("prompt_max_len", 1024))
-  k = int(cfg.get("k_core", 5))
-  test_fraction = float(cfg.get("test_fraction", 0.2))
-  min_test = int(cfg.get("min_test_interactions", 5))
+  """docs/method.md §2 steps 3-6 on a source's interaction table (`cfg`: the data section)."""
+  history_len, dec_max, prompt_max = cfg.history_len, cfg.decoder_max_len, cfg.prompt_max_len
+  k, test_fraction, min_test = cfg.k_core, cfg.test_fraction, cfg.min_test_interactions
   if not 0.0 < test_fraction < 1.0:
     raise ValueError(f"data.test_fraction={test_fraction} must be in (0, 1)")
   if history_len < 1:
@@ -281,8 +278,8 @@ def build_splits(source: Source, cfg: Any, enc_tok, dec_tok, log: FilterLog,
   bad_users = np.unique(inter.user[np.isin(inter.item, long_items)])
   instruction = prompts_lib.resolve_instruction(cfg)
   cache = _PromptCache(source, instruction, enc_tok, "prompt filter",
-                       ending=cfg.get("prompt_ending", "authors"))
-  filter_order = cfg.get("filter_order", "authors")
+                       ending=cfg.prompt_ending)
+  filter_order = cfg.filter_order
   if filter_order == "authors":
     # Steps 3-4 as the authors do them: both length filters on the post-k-core table,
     # their users removed together, then one k-core.
@@ -326,7 +323,7 @@ def build_splits(source: Source, cfg: Any, enc_tok, dec_tok, log: FilterLog,
                     "change data.test_fraction or provide more users")
   in_train = np.isin(inter.user, train_users)
   train_items = np.unique(inter.item[in_train])
-  catalogue_kind = cfg.get("catalogue", "train_items")
+  catalogue_kind = cfg.catalogue
   if catalogue_kind not in ("train_items", "all_items"):
     raise ValueError(f"data.catalogue={catalogue_kind!r}: expected train_items or all_items")
   # The authors re-index items to those of training interactions: nothing else is ranked.

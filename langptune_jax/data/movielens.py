@@ -11,7 +11,7 @@ lines (wrong column count, unparsable numbers, unknown items, duplicate
 from __future__ import annotations
 
 import pathlib
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 import tqdm
@@ -19,6 +19,7 @@ import tqdm
 from langptune_jax import assets
 from langptune_jax.data import core, review_scan
 from langptune_jax.data import prompts as prompts_lib
+from langptune_jax.settings import DataSettings
 
 DataError = core.DataError
 
@@ -50,9 +51,9 @@ def _read_atomic(path: pathlib.Path, columns: list[str], skips: core.SkipLog):
       yield n, {c: parts[i] for c, i in zip(columns, idx)}
 
 
-def load(cfg: Any, skips: core.SkipLog, log: core.FilterLog) -> core.Source:
+def load(cfg: DataSettings, skips: core.SkipLog, log: core.FilterLog) -> core.Source:
   """Reads MovieLens-100K into a `core.Source` (k-core included)."""
-  folder = cfg.get("movielens_dir", "") or ""
+  folder = cfg.movielens_dir
   root = pathlib.Path(folder).expanduser() if folder else assets.asset_path("ml100k")
   if not root.is_dir():
     raise DataError(f"data.movielens_dir not found: {root}")
@@ -112,15 +113,14 @@ def load(cfg: Any, skips: core.SkipLog, log: core.FilterLog) -> core.Source:
   if not cols[0]:
     raise DataError(f"no usable interactions in {root / 'ml-100k.inter'}")
   inter = core.Interactions.from_unsorted(*cols)
-  if not cfg.get("keep_duplicate_reviews", True):
+  if not cfg.keep_duplicate_reviews:
     inter = core.drop_duplicates(inter, skips, "duplicate (user, item)", "ml-100k.inter")
 
   before = inter.counts()
-  inter = core.first_users(inter, int(cfg.get("max_users", 0)))
+  inter = core.first_users(inter, cfg.max_users)
   if before != inter.counts():
-    log.record(f"max_users({cfg.get('max_users')})", before, inter.counts(),
-               "raise data.max_users")
-  inter = core.apply_kcore(inter, int(cfg.get("k_core", 5)), log, "k-core")
+    log.record(f"max_users({cfg.max_users})", before, inter.counts(), "raise data.max_users")
+  inter = core.apply_kcore(inter, cfg.k_core, log, "k-core")
 
   def item_text(items: Iterable[int]) -> dict[int, str]:
     return {i: prompts_lib.movielens_item_text(*item_fields[i]) for i in items}

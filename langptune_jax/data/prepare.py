@@ -7,12 +7,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import time
 from typing import Any
 
 from langptune_jax import model_limits
+from langptune_jax import settings as settings_lib
 from langptune_jax.data import amazon, builder, core, movielens
 from langptune_jax.weights import tokenizer as tok_lib
 
@@ -20,8 +22,8 @@ SOURCES = {"amazon": amazon.load, "movielens": movielens.load}
 
 
 def dataset_dir(config: Any, workdir: str | os.PathLike | None) -> pathlib.Path:
-  """`data.dataset_dir`, else <workdir>/dataset."""
-  d = config.data.get("dataset_dir", "") or ""
+  """`data.dataset_dir`, else <workdir>/dataset (`config`: Settings or a config)."""
+  d = config.data.dataset_dir
   if d:
     return pathlib.Path(d).expanduser()
   if not workdir:
@@ -29,8 +31,8 @@ def dataset_dir(config: Any, workdir: str | os.PathLike | None) -> pathlib.Path:
   return pathlib.Path(workdir).expanduser() / "dataset"
 
 
-def _tokenizer(config: Any, section: str):
-  path = config[section].get("path", "") or ""
+def _tokenizer(settings: settings_lib.Settings, section: str):
+  path = getattr(settings, section).path
   if not path:
     raise core.DataError(f"{section}.path is empty; it names the {section} tokenizer "
                          "(local HF directory or .gguf file)")
@@ -42,37 +44,38 @@ def _tokenizer(config: Any, section: str):
 
 def prepare(config: Any, workdir: str | os.PathLike | None = None
             ) -> tuple[pathlib.Path, dict[str, Any]]:
-  """Builds the dataset described by `config.data`; returns (path, stats)."""
-  cfg = config.data
-  source = cfg.get("source", "amazon")
+  """Builds the dataset described by `config.data`; returns (path, stats).
+
+  `config`: :class:`~langptune_jax.settings.Settings` or a validated config.
+  """
+  settings = settings_lib.of(config)
+  cfg = settings.data
+  source = cfg.source
   if source not in SOURCES:
     raise ValueError(f"data.source={source!r}; expected one of {', '.join(SOURCES)}")
-  out_dir = dataset_dir(config, workdir)
-  model_limits.check(config)  # lengths the models cannot hold fail here, not after the build
+  out_dir = dataset_dir(settings, workdir)
+  model_limits.check(settings)  # lengths the models cannot hold fail here, not after the build
   start = time.perf_counter()
-  enc_tok = _tokenizer(config, "encoder")
-  dec_tok = _tokenizer(config, "decoder")
+  enc_tok = _tokenizer(settings, "encoder")
+  dec_tok = _tokenizer(settings, "decoder")
   skips = core.SkipLog()
   log = core.FilterLog()
   t_read = time.perf_counter()
   src = SOURCES[source](cfg, skips, log)
   t_build = time.perf_counter()
-  prepared = core.build_splits(src, cfg, enc_tok, dec_tok, log, seed=int(config.get("seed", 0)))
+  prepared = core.build_splits(src, cfg, enc_tok, dec_tok, log, seed=settings.seed)
   t_write = time.perf_counter()
   # Timings vary run to run: kept out of stats.json so rebuilds stay byte-identical.
   seconds = prepared.stats.pop("seconds")
-  settings = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items()}
   extra = {
       "filters": log.stages,
       "skipped": skips.as_dict(),
-      "settings": {"data": settings, "encoder_path": str(config.encoder.get("path", "")),
-                   "decoder_path": str(config.decoder.get("path", "")),
-                   "seed": int(config.get("seed", 0))},
+      "settings": {"data": dataclasses.asdict(cfg), "encoder_path": settings.encoder.path,
+                   "decoder_path": settings.decoder.path, "seed": settings.seed},
   }
   path = builder.write(
-      prepared, out_dir, history_len=int(cfg.get("history_len", 4)),
-      prompt_len=int(cfg.get("prompt_max_len", 1024)),
-      decoder_len=int(cfg.get("decoder_max_len", 512)),
+      prepared, out_dir, history_len=cfg.history_len, prompt_len=cfg.prompt_max_len,
+      decoder_len=cfg.decoder_max_len,
       encoder_pad=tok_lib.pad_id(enc_tok), decoder_pad=tok_lib.pad_id(dec_tok),
       extra_stats=extra)
   stats = dict(prepared.stats)

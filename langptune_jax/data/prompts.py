@@ -28,14 +28,14 @@ INSTRUCTIONS = {
 
 
 def resolve_instruction(data_cfg: Any) -> str:
-  """The instruction for `data_cfg`: a custom `instruction` wins over the domain's.
+  """The instruction for `data_cfg` (the data section): a custom `instruction` wins over
+  the domain's.
 
   An empty `instruction`, or one equal to a built-in domain default (the value a
   base config carries), means "use the domain's instruction", so that switching
   `data.domain` alone is enough.
   """
-  domain = data_cfg.get("domain", "movies_tv")
-  custom = data_cfg.get("instruction", "") or ""
+  domain, custom = data_cfg.domain, data_cfg.instruction
   if custom and custom not in INSTRUCTIONS.values():
     return custom
   if domain not in INSTRUCTIONS:

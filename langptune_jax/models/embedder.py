@@ -28,6 +28,7 @@ from langptune_jax.models import bert as bert_lib
 POOLINGS = ("cls", "mean", "last")
 LLM_FAMILIES = ("llama", "gemma", "gemma2", "gemma3")
 FAMILIES = ("bert",) + LLM_FAMILIES
+REMAT_MODES = ("none", "full")  # BERT blocks are recomputed whole or not at all
 
 
 def _check_pooling(pooling: str) -> None:
@@ -129,12 +130,12 @@ def _dtype(name_or_dtype) -> Any:
 
 
 def _load_llm(family: str, path: pathlib.Path, dtype, param_dtype, mesh: Mesh | None,
-              remat: bool) -> nnx.Module:
+              remat: str) -> nnx.Module:
   """A decoder LLM from a local HF directory or a ``.gguf`` file."""
   from langptune_jax.weights import hf  # pylint: disable=g-import-not-at-top
   model, config = hf.load_decoder(path, dtype=jnp.dtype(dtype).name,
                                   param_dtype=jnp.dtype(param_dtype).name, mesh=mesh,
-                                  remat="full" if remat else "none")
+                                  remat=remat)
   loaded = config.family
   # gemma2/gemma3 checkpoints report their own family; accept any gemma* for 'gemma*'.
   if loaded.rstrip("23") != family.rstrip("23"):
@@ -144,7 +145,7 @@ def _load_llm(family: str, path: pathlib.Path, dtype, param_dtype, mesh: Mesh | 
 
 def load_embedder(family: str, path, pooling: str = "cls", normalize: bool = True,
                   dtype="float32", mesh: Mesh | None = None, *, param_dtype="float32",
-                  remat: bool = False, attention: str = "einsum") -> Embedder:
+                  remat: str = "none", attention: str = "einsum") -> Embedder:
   """Loads the recommender decoder (``config.decoder``) as an :class:`Embedder`.
 
   Args:
@@ -155,12 +156,14 @@ def load_embedder(family: str, path, pooling: str = "cls", normalize: bool = Tru
     dtype: compute dtype (name or jnp dtype).
     mesh: if given, parameters are placed in their shardings on it.
     param_dtype: storage dtype of the parameters.
-    remat: recompute each block in the backward pass.
+    remat: 'full' recomputes each block in the backward pass; 'none' keeps activations.
     attention: BERT attention kernel, 'einsum' or 'fused' (right padding only).
   """
   if family not in FAMILIES:
     raise ValueError(f"decoder.family={family!r}: expected one of {', '.join(FAMILIES)}")
   _check_pooling(pooling)
+  if remat not in REMAT_MODES:
+    raise ValueError(f"decoder.remat={remat!r}: expected one of {', '.join(REMAT_MODES)}")
   if not path:
     raise ValueError("decoder.path is empty: set it to a local model directory")
   path = pathlib.Path(path).expanduser()
@@ -169,7 +172,7 @@ def load_embedder(family: str, path, pooling: str = "cls", normalize: bool = Tru
   dtype, param_dtype = _dtype(dtype), _dtype(param_dtype)
   if family == "bert":
     model, _ = bert_lib.load_bert(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh,
-                                  remat=remat, attention=attention)
+                                  remat=remat == "full", attention=attention)
   else:
     model = _load_llm(family, path, dtype, param_dtype, mesh, remat)
   return Embedder(model, family=family, pooling=pooling, normalize=normalize)

@@ -64,6 +64,11 @@ def _canonical(name: str) -> str:
   return ALIASES.get(key, key)
 
 
+def is_known(name: str, table: dict) -> bool:
+  """Whether `name` (or its alias) is a preset of `table` (DECODERS or ENCODERS)."""
+  return _canonical(name) in table
+
+
 def _from_path(path: str, table: dict) -> str | None:
   """The preset whose name appears in the path (e.g. ``.../gemma-2b-it/``)."""
   text = str(path).lower().replace("_", "-")

@@ -8,6 +8,7 @@ does not exist yet, so ``train`` alone runs the whole pipeline.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -16,6 +17,7 @@ import shutil
 import numpy as np
 
 from langptune_jax import model_limits, parallel
+from langptune_jax import settings as settings_lib
 from langptune_jax.data import builder as data_builder
 from langptune_jax.data import loader as data_loader
 from langptune_jax.data import prepare as data_prepare
@@ -24,10 +26,10 @@ from langptune_jax.models import embedder as embedder_lib
 from langptune_jax.observability import MetricsWriter
 from langptune_jax.train import checkpoint as ckpt_lib
 from langptune_jax.train import report
+from langptune_jax.train import setup as setup_lib
 from langptune_jax.train.loop import Trainer
 from langptune_jax.train.run_data import RunData, UserSplit
 from langptune_jax.weights import export as export_lib
-from langptune_jax.weights import hf as hf_weights
 from langptune_jax.weights import tokenizer as tok_lib
 
 # Data settings that may differ between `prepare` and `train` (they don't shape the dataset);
@@ -45,17 +47,18 @@ def _user_split(columns: dict) -> UserSplit:
 
 def load_run_data(config, workdir) -> RunData:
   """The prepared dataset as in-memory arrays (prepares it first if it is missing)."""
-  folder = data_prepare.dataset_dir(config, workdir)
+  settings = settings_lib.of(config)
+  folder = data_prepare.dataset_dir(settings, workdir)
   if not (folder / data_builder.STATS_FILE).exists():
     print(f"no prepared dataset at {folder}: preparing it now")
-    data_prepare.run(config, workdir)
-  settings = data_loader.load_stats(folder).get("settings", {})
-  built = dict(settings.get("data", {}), **{
-      "encoder.path": settings.get("encoder_path"), "decoder.path": settings.get("decoder_path")})
-  current = dict(config.data, **{"encoder.path": str(config.encoder.path),
-                                 "decoder.path": str(config.decoder.path)})
-  built["seed"] = settings.get("seed")
-  current["seed"] = config.seed
+    data_prepare.run(settings, workdir)
+  recorded = data_loader.load_stats(folder).get("settings", {})
+  built = dict(recorded.get("data", {}), **{
+      "encoder.path": recorded.get("encoder_path"), "decoder.path": recorded.get("decoder_path")})
+  current = dict(dataclasses.asdict(settings.data), **{
+      "encoder.path": settings.encoder.path, "decoder.path": settings.decoder.path})
+  built["seed"] = recorded.get("seed")
+  current["seed"] = settings.seed
   for name in sorted(set(built) - set(_FREE_DATA_SETTINGS)):
     if built[name] is not None and str(built[name]) != str(current.get(name)):
       field = name if "." in name or name == "seed" else f"data.{name}"
@@ -75,20 +78,15 @@ def load_run_data(config, workdir) -> RunData:
 
 
 def build_trainer(config, workdir) -> Trainer:
-  model_limits.check(config)  # before the dataset is built or a model is loaded
-  mesh = parallel.make_mesh(config.mesh)
-  rules = parallel.rules_from_config(config.mesh.rules)
+  settings = settings_lib.of(config)
+  model_limits.check(settings)  # before the dataset is built or a model is loaded
+  mesh = parallel.make_mesh(settings.mesh)
+  rules = parallel.rules_from_config(settings.mesh.rules)
   data = load_run_data(config, workdir)
-  encoder, _ = hf_weights.load_decoder(
-      config.encoder.path, dtype=config.encoder.dtype, param_dtype=config.encoder.param_dtype,
-      mesh=mesh, rules=rules, remat=config.encoder.remat)
-  decoder = embedder_lib.load_embedder(
-      config.decoder.family, config.decoder.path, pooling=config.decoder.pooling,
-      normalize=bool(config.decoder.normalize), dtype=config.decoder.dtype,
-      param_dtype=config.decoder.param_dtype, mesh=mesh,
-      remat=bool(config.decoder.remat), attention=config.decoder.attention)
-  writer = MetricsWriter(str(workdir), tensorboard=bool(config.logging.tensorboard),
-                         jsonl=bool(config.logging.jsonl))
+  encoder = setup_lib.load_writer(settings.encoder, mesh, rules)
+  decoder = setup_lib.load_recommender(settings.decoder, mesh)
+  writer = MetricsWriter(str(workdir), tensorboard=settings.logging.tensorboard,
+                         jsonl=settings.logging.jsonl)
   return Trainer(config, str(workdir), data=data, encoder=encoder, decoder=decoder,
                  encoder_tokenizer=tok_lib.load_tokenizer(config.encoder.path),
                  decoder_tokenizer=tok_lib.load_tokenizer(config.decoder.path),

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from langptune_jax import observability, parallel, sampling
+from langptune_jax import settings as settings_lib
 from langptune_jax.models import embedder as embedder_lib
 
 
@@ -43,10 +44,11 @@ class SamplingSettings:
 
   @classmethod
   def from_config(cls, config, eos_ids, pad_id) -> "SamplingSettings":
-    rl = config.rl
-    return cls(int(rl.response_length), float(rl.temperature), int(rl.top_k), float(rl.top_p),
-               bool(rl.stop_at_eos), tuple(int(e) for e in eos_ids), int(pad_id),
-               int(config.encoder.cache_size) or None)
+    """From the ``rl`` and ``encoder`` sections of `config` (Settings or a validated config)."""
+    s = settings_lib.of(config)
+    return cls(s.rl.response_length, s.rl.temperature, s.rl.top_k, s.rl.top_p,
+               s.rl.stop_at_eos, tuple(int(e) for e in eos_ids), int(pad_id),
+               s.encoder.cache_size or None)
 
 
 def eos_ids(tokenizer, model) -> tuple[int, ...]:

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from langptune_jax import parallel, sampling
+from langptune_jax import settings as settings_lib
 from langptune_jax.train import losses
 from langptune_jax.train import state as state_lib
 
@@ -49,12 +50,11 @@ class RLSOSettings:
   reuse_rollout_logprobs: bool = False  # logp_old from the sampler instead of a forward pass
 
   @classmethod
-  def from_config(cls, rl) -> "RLSOSettings":
-    return cls(int(rl.num_generations), float(rl.eta), float(rl.kl_coef),
-               bool(rl.whiten_rewards), float(rl.temperature), int(rl.micro_batch_size),
-               # Sections without these fields (tests, older configs): the behaviour before them.
-               int(getattr(rl, "whiten_chunk", 0)), bool(getattr(rl, "shared_prompt", True)),
-               bool(getattr(rl, "reuse_rollout_logprobs", False)))
+  def from_config(cls, rl: settings_lib.RLSettings) -> "RLSOSettings":
+    """What the RLSO steps read of the ``rl`` section."""
+    return cls(rl.num_generations, rl.eta, rl.kl_coef, rl.whiten_rewards, rl.temperature,
+               rl.micro_batch_size, rl.whiten_chunk, rl.shared_prompt,
+               rl.reuse_rollout_logprobs)
 
   def sequence_logprobs(self):
     """The scoring function of the passes: grouped (shared prompt) or row by row."""

@@ -13,7 +13,8 @@ what `train` runs. From the config and the models it builds
 :func:`build` takes loaded models and places real arrays; :func:`build_abstract`
 takes model constructors and builds the same set-up from shapes alone
 (``ShapeDtypeStruct`` leaves that carry their shardings), which is what the
-memory plan compiles from.
+memory plan compiles from. Both take the typed settings (or a validated config,
+converted here) and hand each piece the section it reads.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import jax
 from flax import nnx
 
 from langptune_jax import parallel
+from langptune_jax import settings as settings_lib
 from langptune_jax.models import embedder as embedder_lib
 from langptune_jax.models import finetune
 from langptune_jax.models import lora as lora_lib
@@ -34,6 +36,7 @@ from langptune_jax.rec import retrieval
 from langptune_jax.train import contrastive, rlso
 from langptune_jax.train import profiles as profiles_lib
 from langptune_jax.train import state as state_lib
+from langptune_jax.weights import hf as hf_weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,17 +65,18 @@ def decoder_trainable_filter(embedder: embedder_lib.Embedder, num_layers_unfroze
   return TopLayersFilter(total - num_layers_unfrozen)
 
 
-def encoder_trainable_filter(encoder: nnx.Module, config):
-  return finetune.model_trainable_filter(encoder, config.encoder.training,
-                                         int(config.encoder.num_layers_unfrozen))
+def encoder_trainable_filter(encoder: nnx.Module, writer: settings_lib.ProfileWriterSettings):
+  """The trainable filter of ``encoder.training`` (`writer`: the ``encoder`` section)."""
+  return finetune.model_trainable_filter(encoder, writer.training, writer.num_layers_unfrozen)
 
 
 def add_adapters(encoder: nnx.Module, config, seed: int) -> nnx.Module:
   """Adds the LoRA adapters in place when ``encoder.training=lora``; returns the encoder."""
-  if config.encoder.training == "lora":
-    lora_lib.apply_lora(encoder, targets=tuple(config.lora.targets), rank=int(config.lora.rank),
-                        alpha=float(config.lora.alpha), dropout=float(config.lora.dropout),
-                        init=config.encoder.lora_init, rngs=nnx.Rngs(seed))
+  s = settings_lib.of(config)
+  if s.encoder.training == "lora":
+    lora = s.lora
+    lora_lib.apply_lora(encoder, targets=lora.targets, rank=lora.rank, alpha=lora.alpha,
+                        dropout=lora.dropout, init=s.encoder.lora_init, rngs=nnx.Rngs(seed))
   return encoder
 
 
@@ -82,15 +86,40 @@ def schedule_lengths(config) -> tuple[int, int]:
   Every RLSO update runs ``rl.num_ppo_epochs`` optimizer steps, so the
   encoder's learning-rate schedule spans all of them.
   """
-  iterations = int(config.train.num_iterations)
-  rl_total = iterations * int(config.rl.num_lm_updates) * int(config.rl.num_ppo_epochs)
-  cl_total = iterations * int(config.cl.num_emb_updates)
+  s = settings_lib.of(config)
+  iterations = s.train.num_iterations
+  rl_total = iterations * s.rl.num_lm_updates * s.rl.num_ppo_epochs
+  cl_total = iterations * s.cl.num_emb_updates
   return rl_total, cl_total
+
+
+# --- the two models --------------------------------------------------------------
+
+def load_writer(writer: settings_lib.ProfileWriterSettings, mesh,
+                rules=parallel.DEFAULT_RULES) -> nnx.Module:
+  """The profile writer (``encoder`` section): a decoder-only LLM, HF directory or GGUF."""
+  return hf_weights.load_decoder(writer.path, dtype=writer.dtype,
+                                 param_dtype=writer.param_dtype, mesh=mesh, rules=rules,
+                                 remat=writer.remat)[0]
+
+
+def load_recommender(recommender: settings_lib.RecommenderSettings,
+                     mesh) -> embedder_lib.Embedder:
+  """The recommender (``decoder`` section): a text embedder, BERT or an LLM."""
+  return embedder_lib.load_embedder(
+      recommender.family, recommender.path, pooling=recommender.pooling,
+      normalize=recommender.normalize, dtype=recommender.dtype,
+      param_dtype=recommender.param_dtype, mesh=mesh, remat=recommender.remat,
+      attention=recommender.attention)
 
 
 def make_cl_training(decoder: embedder_lib.Embedder, wrt, cl_config, total_steps: int, mesh,
                      rules=parallel.DEFAULT_RULES):
-  """The decoder's train state (AdamW from `cl_config`) and its jitted InfoNCE step."""
+  """The decoder's train state (AdamW from `cl_config`) and its jitted InfoNCE step.
+
+  `cl_config` is the ``cl`` section (:class:`~langptune_jax.settings.CLSettings`, or any
+  object with its fields, e.g. the history baseline's variant of it).
+  """
   train_state = state_lib.TrainState.create(decoder, state_lib.adamw(cl_config, total_steps), wrt,
                                             mesh, rules)
   return train_state, make_cl_step(train_state, cl_config, mesh, rules)
@@ -99,14 +128,14 @@ def make_cl_training(decoder: embedder_lib.Embedder, wrt, cl_config, total_steps
 def make_cl_step(train_state: state_lib.TrainState, cl_config, mesh,
                  rules=parallel.DEFAULT_RULES):
   return contrastive.make_cl_step(
-      train_state, mesh, temperature=float(cl_config.temperature),
-      micro_batch_size=int(cl_config.micro_batch_size), rules=rules,
-      group_size=int(cl_config.group_size) if cl_config.negatives == "group" else 0,
-      dedupe_negatives=bool(cl_config.dedupe_negatives))
+      train_state, mesh, temperature=cl_config.temperature,
+      micro_batch_size=cl_config.micro_batch_size, rules=rules,
+      group_size=cl_config.group_size if cl_config.negatives == "group" else 0,
+      dedupe_negatives=cl_config.dedupe_negatives)
 
 
 def sampling_settings(config, eos_ids, pad_id: int) -> profiles_lib.SamplingSettings:
-  return profiles_lib.SamplingSettings.from_config(config, eos_ids, pad_id)
+  return profiles_lib.SamplingSettings.from_config(settings_lib.of(config), eos_ids, pad_id)
 
 
 # --- the jitted steps ------------------------------------------------------------
@@ -139,10 +168,10 @@ def make_sample(train_state: state_lib.TrainState, settings: profiles_lib.Sampli
   return jax.jit(sample, in_shardings=(train_state.shardings, None, None, None))
 
 
-def make_rewards(rl_config, mesh, rules=parallel.DEFAULT_RULES):
+def make_rewards(rl_config: settings_lib.RLSettings, mesh, rules=parallel.DEFAULT_RULES):
   """jit ``rewards(profile_emb, item_emb, targets, history, truncated) -> (reward, metrics)``."""
   reward_type = rl_config.reward_type
-  penalty = float(rl_config.penalty_reward)
+  penalty = rl_config.penalty_reward
 
   @jax.jit
   def rewards(profile_emb, item_emb, targets, history, truncated):
@@ -167,7 +196,7 @@ class Steps:
   rewards: Callable  # (profile_emb, item_emb, targets, history, truncated) -> (reward, metrics)
 
 
-def make_steps(config, encoder_state: state_lib.TrainState, decoder_state: state_lib.TrainState,
+def make_steps(config: settings_lib.Settings, encoder_state: state_lib.TrainState, decoder_state: state_lib.TrainState,
                rl_settings: rlso.RLSOSettings, sampling: profiles_lib.SamplingSettings, mesh,
                rules=parallel.DEFAULT_RULES) -> Steps:
   return Steps(
@@ -205,8 +234,8 @@ def _count(model: nnx.Module, wrt) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, wrt)))
 
 
-def _assemble(config, encoder, decoder, encoder_state, decoder_state, reference, sampling,
-              mesh, rules) -> TrainingSetup:
+def _assemble(config: settings_lib.Settings, encoder, decoder, encoder_state, decoder_state,
+              reference, sampling, mesh, rules) -> TrainingSetup:
   rl_settings = rlso.RLSOSettings.from_config(config.rl)
   return TrainingSetup(
       encoder_state=encoder_state, decoder_state=decoder_state, reference=reference,
@@ -222,13 +251,17 @@ def _assemble(config, encoder, decoder, encoder_state, decoder_state, reference,
 
 def build(config, encoder: nnx.Module, decoder: embedder_lib.Embedder, *, eos_ids, pad_id: int,
           mesh, rules=parallel.DEFAULT_RULES) -> TrainingSetup:
-  """The set-up of a run on loaded models (LoRA adapters are added to `encoder` in place)."""
-  add_adapters(encoder, config, int(config.seed))
+  """The set-up of a run on loaded models (LoRA adapters are added to `encoder` in place).
+
+  `config`: :class:`~langptune_jax.settings.Settings` or a validated config.
+  """
+  config = settings_lib.of(config)
+  add_adapters(encoder, config, config.seed)
   mode = config.encoder.training
   reference = finetune.ReferencePolicy.from_model(
-      encoder, mode, num_layers_unfrozen=int(config.encoder.num_layers_unfrozen))
-  enc_wrt = encoder_trainable_filter(encoder, config)
-  dec_wrt = decoder_trainable_filter(decoder, int(config.decoder.num_layers_unfrozen))
+      encoder, mode, num_layers_unfrozen=config.encoder.num_layers_unfrozen)
+  enc_wrt = encoder_trainable_filter(encoder, config.encoder)
+  dec_wrt = decoder_trainable_filter(decoder, config.decoder.num_layers_unfrozen)
   rl_total, cl_total = schedule_lengths(config)
   encoder_state = state_lib.TrainState.create(
       encoder, state_lib.adamw(config.rl, rl_total), enc_wrt, mesh, rules)
@@ -264,13 +297,14 @@ def build_abstract(config, make_encoder: Callable[[], nnx.Module],
                    make_decoder: Callable[[], embedder_lib.Embedder], *, eos_ids, pad_id: int,
                    mesh, rules=parallel.DEFAULT_RULES) -> TrainingSetup:
   """:func:`build` from shapes alone: no weights are loaded or allocated."""
+  config = settings_lib.of(config)
   rl_total, cl_total = schedule_lengths(config)
   encoder, encoder_state = _abstract_state(
-      lambda: add_adapters(make_encoder(), config, int(config.seed)),
-      lambda m: encoder_trainable_filter(m, config), state_lib.adamw(config.rl, rl_total),
-      mesh, rules)
+      lambda: add_adapters(make_encoder(), config, config.seed),
+      lambda m: encoder_trainable_filter(m, config.encoder),
+      state_lib.adamw(config.rl, rl_total), mesh, rules)
   decoder, decoder_state = _abstract_state(
-      make_decoder, lambda m: decoder_trainable_filter(m, int(config.decoder.num_layers_unfrozen)),
+      make_decoder, lambda m: decoder_trainable_filter(m, config.decoder.num_layers_unfrozen),
       state_lib.adamw(config.cl, cl_total), mesh, rules)
   mode = config.encoder.training
   state = None

@@ -22,8 +22,12 @@ from langptune_jax import parallel
 
 
 def learning_rate_schedule(opt_config, total_steps: int) -> optax.Schedule:
-  """constant | linear (decay to 0) | cosine, each after `warmup_steps` of linear warm-up."""
-  lr, warmup = float(opt_config.lr), int(opt_config.warmup_steps)
+  """constant | linear (decay to 0) | cosine, each after `warmup_steps` of linear warm-up.
+
+  `opt_config`: the ``rl`` or ``cl`` section (:class:`~langptune_jax.settings.OptimizerSettings`
+  fields).
+  """
+  lr, warmup = opt_config.lr, opt_config.warmup_steps
   decay_steps = max(1, total_steps - warmup)
   kind = opt_config.lr_schedule
   if kind == "constant":
@@ -45,12 +49,11 @@ def adamw(opt_config, total_steps: int) -> optax.GradientTransformation:
   The paper's Gemma runs use torch's defaults (0.9, 0.999, wd 0.01), Llama
   (0.9, 0.95, wd 1e-6); eps is 1e-6 in both.
   """
-  get = getattr(opt_config, "get", lambda key, default: getattr(opt_config, key, default))
-  tx = optax.adamw(learning_rate_schedule(opt_config, total_steps),
-                   b1=float(get("adam_b1", 0.9)), b2=float(get("adam_b2", 0.999)),
-                   eps=float(opt_config.adam_eps), weight_decay=float(opt_config.weight_decay))
-  if float(opt_config.max_grad_norm) > 0:
-    tx = optax.chain(optax.clip_by_global_norm(float(opt_config.max_grad_norm)), tx)
+  tx = optax.adamw(learning_rate_schedule(opt_config, total_steps), b1=opt_config.adam_b1,
+                   b2=opt_config.adam_b2, eps=opt_config.adam_eps,
+                   weight_decay=opt_config.weight_decay)
+  if opt_config.max_grad_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(opt_config.max_grad_norm), tx)
   return tx
 
 
