@@ -3,6 +3,7 @@
 import gzip
 import json
 import pathlib
+import types
 
 import fixtures_data as fx
 import numpy as np
@@ -58,15 +59,19 @@ def test_item_text_and_prompt_format():
   assert prompts.prompt_content("Do X.", ["a", "b"]) == "Do X.\n\na\n\nb"
 
 
+def _data(**fields):
+  return types.SimpleNamespace(**fields)  # the two fields the data section is read for
+
+
 def test_instruction_resolution():
-  assert prompts.resolve_instruction({"domain": "books", "instruction": ""}) == \
+  assert prompts.resolve_instruction(_data(domain="books", instruction="")) == \
       prompts.BOOKS_INSTRUCTION
   # The base config's default (the Movies & TV sentence) follows the domain...
   assert prompts.resolve_instruction(
-      {"domain": "movielens", "instruction": prompts.MOVIES_TV_INSTRUCTION}) == \
+      _data(domain="movielens", instruction=prompts.MOVIES_TV_INSTRUCTION)) == \
       prompts.MOVIELENS_INSTRUCTION
   # ... while a custom sentence wins.
-  assert prompts.resolve_instruction({"domain": "books", "instruction": "Mine."}) == "Mine."
+  assert prompts.resolve_instruction(_data(domain="books", instruction="Mine.")) == "Mine."
   from langptune_jax import config as config_lib
   base = config_lib.load_config(fx.BASE_CONFIG)
   assert base.data.instruction == prompts.MOVIES_TV_INSTRUCTION

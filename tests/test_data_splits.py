@@ -1,9 +1,13 @@
 """The user split of the data pipeline on a hand-made source: empty splits are clear errors."""
 
+import dataclasses
+
 import numpy as np
 import planted
 import pytest
 
+from configs import base
+from langptune_jax import settings as settings_lib
 from langptune_jax.data import core
 
 # Every user reads items 0, 1, 2, 3 in this order: history (0, 1), target 2.
@@ -34,8 +38,9 @@ def source(num_users: int) -> core.Source:
 
 def build(num_users: int, **cfg):
   tok = word_tokenizer()
-  return core.build_splits(source(num_users), dict(CFG, **cfg), tok, tok, core.FilterLog(),
-                           seed=0)
+  data = settings_lib.from_config(base.get_config()).data
+  return core.build_splits(source(num_users), dataclasses.replace(data, **dict(CFG, **cfg)),
+                           tok, tok, core.FilterLog(), seed=0)
 
 
 def test_enough_users_give_three_non_empty_splits():

@@ -46,7 +46,7 @@ def _iteration(mesh, local_rows):
   from langptune_jax.train import state as state_lib
 
   opt = types.SimpleNamespace(lr=1e-3, lr_schedule="constant", warmup_steps=0, weight_decay=0.0,
-                              adam_eps=1e-6, max_grad_norm=0.0)
+                              adam_b1=0.9, adam_b2=0.999, adam_eps=1e-6, max_grad_norm=0.0)
   rng = np.random.default_rng(0)  # the same global data on every process
 
   def batch(arrays):
@@ -72,9 +72,8 @@ def _iteration(mesh, local_rows):
   model = transformer.Decoder(dcfg, rngs=nnx.Rngs(1))
   lora.apply_lora(model, targets=("q", "v", "down"), rank=4, alpha=8.0, rngs=nnx.Rngs(2))
   rl_state = state_lib.TrainState.create(model, state_lib.adamw(opt, 10), nnx.LoRAParam, mesh)
-  settings = rlso.RLSOSettings.from_config(types.SimpleNamespace(
-      num_generations=GROUP, eta=1.0, kl_coef=0.1, whiten_rewards=True, temperature=1.0,
-      micro_batch_size=0))
+  settings = rlso.RLSOSettings(group_size=GROUP, eta=1.0, kl_coef=0.1, whiten=True,
+                               temperature=1.0, micro_batch_size=0)
   rows, p, r = PROMPTS * GROUP, 8, 6
   prompt = np.repeat(rng.integers(3, dcfg.vocab_size, (PROMPTS, p), np.int32), GROUP, axis=0)
   prompt_mask = np.repeat(np.arange(p)[None] >= rng.integers(0, 4, (PROMPTS, 1)), GROUP, axis=0)

@@ -14,7 +14,9 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(__file__))
 import planted  # noqa: E402
 
+from configs import base  # noqa: E402
 from langptune_jax import parallel, sampling  # noqa: E402
+from langptune_jax import settings as settings_lib  # noqa: E402
 from langptune_jax.models import finetune  # noqa: E402
 from langptune_jax.models import lora as lora_lib  # noqa: E402
 from langptune_jax.train import rlso  # noqa: E402
@@ -225,8 +227,7 @@ def test_settings_pick_the_scoring_function():
   assert settings_for(2, 0, shared=True).sequence_logprobs().func is (
       sampling.grouped_sequence_logprobs)
   assert settings_for(2, 0, shared=False).sequence_logprobs() is sampling.sequence_logprobs
-  rl = ml_collections.ConfigDict(dict(num_generations=4, eta=1.0, kl_coef=0.0,
-                                      whiten_rewards=False, temperature=1.0, micro_batch_size=0,
-                                      shared_prompt=False, reuse_rollout_logprobs=True))
-  settings = rlso.RLSOSettings.from_config(rl)
+  config = base.get_config()
+  config.rl.shared_prompt, config.rl.reuse_rollout_logprobs = False, True
+  settings = rlso.RLSOSettings.from_config(settings_lib.from_config(config).rl)
   assert (settings.shared_prompt, settings.reuse_rollout_logprobs) == (False, True)
