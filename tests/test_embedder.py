@@ -250,3 +250,10 @@ def test_llm_embedder_matches_transformers(tmp_path, pooling):
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
   with pytest.raises(ValueError, match="decoder.family='gemma' but .* holds a 'llama' model"):
     emb.load_embedder("gemma", tmp_path, pooling="last")
+
+
+def test_recommender_remat_takes_the_mode_names():
+  with pytest.raises(ValueError, match=r"^decoder.remat='dots': expected one of none, full$"):
+    emb.load_embedder("bert", "/nowhere", remat="dots")
+  with pytest.raises(ValueError, match=r"^decoder.remat=True: expected one of none, full$"):
+    emb.load_embedder("bert", "/nowhere", remat=True)
