@@ -292,7 +292,17 @@ def _check(config, num_devices: int, require_data: bool, check_paths: bool) -> _
   _validate_serving(c)
   if check_paths:
     _validate_paths(c)
+  _validate_known_fields(c)
   return c
+
+
+def _validate_known_fields(c: _Checker) -> None:
+  """A field configs/base.py does not have (a typo, a retired field) is an error, not ignored."""
+  from langptune_jax import settings
+  known = set(settings.field_names())
+  for key, value in flatten(c.config).items():
+    if key not in known:
+      c.fail(key, value, "no such config field (configs/base.py lists every field)")
 
 
 def _validate_data(c: _Checker, require_data: bool) -> None:
@@ -329,7 +339,7 @@ def _validate_models(c: _Checker) -> None:
     c.string(f"{section}.dtype", DTYPES)
     c.string(f"{section}.param_dtype", DTYPES)
   training = c.string("encoder.training", TRAINING_MODES)
-  unfrozen = c.integer("encoder.num_layers_unfrozen")
+  unfrozen = c.integer("encoder.num_layers_unfrozen", lo=0)
   if training == "partial" and unfrozen is not _MISSING:
     c.rule(unfrozen >= 1, "encoder.num_layers_unfrozen", unfrozen,
            "must be >= 1 when encoder.training='partial'")

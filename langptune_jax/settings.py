@@ -285,6 +285,17 @@ def of(config: Settings | ml_collections.ConfigDict) -> Settings:
   return config if isinstance(config, Settings) else from_config(config)
 
 
+def field_names(cls=Settings, prefix: str = "") -> list[str]:
+  """The dotted names of every leaf setting (``rl.lr``, ...): the config's schema."""
+  out = []
+  for name, kind in _hints(cls).items():
+    if dataclasses.is_dataclass(kind):
+      out += field_names(kind, f"{prefix}{name}.")
+    else:
+      out.append(f"{prefix}{name}")
+  return out
+
+
 @functools.cache
 def _hints(cls) -> dict[str, Any]:
   return typing.get_type_hints(cls)

@@ -96,6 +96,7 @@ RULES = [
     ({"decoder.preset": "gemma-2b-it"}, "decoder.preset='gemma-2b-it': must be empty (the shape "
      "from decoder.path) or one of mxbai-embed-large-v1"),
     ({"eval.sasrec_steps": 0}, "eval.sasrec_steps=0: must be >= 1"),
+    ({"encoder.num_layers_unfrozen": -1}, "encoder.num_layers_unfrozen=-1: must be >= 0"),
     ({"profile.num_steps": 0}, "profile.num_steps=0: must be >= 1"),
 ]
 
@@ -227,3 +228,10 @@ def test_resolve_workdir(tmp_path, monkeypatch):
 def test_cl_users_must_cover_a_cl_batch():
   assert failures(tiny(**{"train.cl_users": 4})) == [  # tiny's cl.batch_size is 8
       "train.cl_users=4: must be >= cl.batch_size=8 (each CL step draws a batch from these users)"]
+
+
+def test_a_field_base_does_not_have_is_one_clear_line():
+  config = tiny()
+  config.rl.lrr = 1e-6  # a typo of rl.lr in a config file
+  assert failures(config) == ["rl.lrr=1e-06: no such config field (configs/base.py lists every "
+                              "field)"]

@@ -30,6 +30,12 @@ def test_every_base_field_has_a_validation_rule():
   assert not missing, f"config fields without a validation rule in config.py: {missing}"
 
 
+def test_the_rules_and_the_typed_fields_cover_the_same_schema():
+  fields = set(config_lib.flatten(base.get_config()))
+  assert set(settings_lib.field_names()) == fields
+  assert config_lib.ruled_fields(base.get_config(), 8) == fields
+
+
 def test_a_field_without_a_rule_is_found():
   config = base.get_config()
   config.data.new_knob = 3
