@@ -88,15 +88,15 @@ def build_trainer(config, workdir) -> Trainer:
   writer = MetricsWriter(str(workdir), tensorboard=settings.logging.tensorboard,
                          jsonl=settings.logging.jsonl)
   return Trainer(config, str(workdir), data=data, encoder=encoder, decoder=decoder,
-                 encoder_tokenizer=tok_lib.load_tokenizer(config.encoder.path),
-                 decoder_tokenizer=tok_lib.load_tokenizer(config.decoder.path),
+                 encoder_tokenizer=tok_lib.load_tokenizer(settings.encoder.path),
+                 decoder_tokenizer=tok_lib.load_tokenizer(settings.decoder.path),
                  writer=writer, mesh=mesh)
 
 
 def _print_report(trainer: Trainer) -> None:
+  settings = trainer.setup.settings
   table = report.write_report(str(trainer.workdir), trainer.history, trainer.curves,
-                              tuple(int(k) for k in trainer.config.eval.ks),
-                              int(trainer.config.logging.num_sample_profiles))
+                              settings.eval.ks, settings.logging.num_sample_profiles)
   print(table)
   print(f"\nresults: {os.path.join(trainer.workdir, 'results.md')} "
         f"(plots: curves.png, metrics.png; profiles/: per-user profiles and ranks)")
@@ -122,7 +122,8 @@ def evaluate(config, workdir) -> int:
   before training); without them they are computed now.
   """
   trainer = build_trainer(config, workdir)
-  split = config.eval.final_split
+  settings = trainer.setup.settings
+  split = settings.eval.final_split
   try:
     restored = trainer.restore()
     tag = (f"checkpoint_iteration_{trainer.position.iteration}" if restored
@@ -136,7 +137,7 @@ def evaluate(config, workdir) -> int:
     with open(path + ".tmp", "w") as f:
       json.dump(entry, f, indent=2)
     os.replace(path + ".tmp", path)
-    print(report.results_table(report.method_rows([entry]), tuple(int(k) for k in config.eval.ks),
+    print(report.results_table(report.method_rows([entry]), settings.eval.ks,
                                report.entry_intervals(entry)))
     print(f"\nwritten: {path}")
   finally:
@@ -162,8 +163,9 @@ def export(config, workdir, overwrite: bool | None = None) -> int:
       raise FileNotFoundError(f"no checkpoint in {checkpoints}: train first")
     with export_lib.staged_dir(out, overwrite=overwrite) as tmp:
       export_lib.export_decoder(trainer.encoder_state.model, tmp / "encoder")  # merges LoRA
-      _copy_tokenizer(config.encoder.path, tmp / "encoder")
-      _export_embedder(trainer.decoder_state.model, tmp / "decoder", config.decoder.path)
+      settings = trainer.setup.settings
+      _copy_tokenizer(settings.encoder.path, tmp / "encoder")
+      _export_embedder(trainer.decoder_state.model, tmp / "decoder", settings.decoder.path)
     print(f"encoder (LoRA merged): {out / 'encoder'}\ndecoder: {out / 'decoder'}")
   finally:
     trainer.close()

@@ -196,8 +196,9 @@ class Steps:
   rewards: Callable  # (profile_emb, item_emb, targets, history, truncated) -> (reward, metrics)
 
 
-def make_steps(config: settings_lib.Settings, encoder_state: state_lib.TrainState, decoder_state: state_lib.TrainState,
-               rl_settings: rlso.RLSOSettings, sampling: profiles_lib.SamplingSettings, mesh,
+def make_steps(config: settings_lib.Settings, encoder_state: state_lib.TrainState,
+               decoder_state: state_lib.TrainState, rl_settings: rlso.RLSOSettings,
+               sampling: profiles_lib.SamplingSettings, mesh,
                rules=parallel.DEFAULT_RULES) -> Steps:
   return Steps(
       sample=make_sample(encoder_state, sampling, mesh, rules),
@@ -214,6 +215,7 @@ def make_steps(config: settings_lib.Settings, encoder_state: state_lib.TrainStat
 class TrainingSetup:
   """Train states, reference policy, settings and jitted steps of one run."""
 
+  settings: settings_lib.Settings  # the run's typed config, converted once
   encoder_state: state_lib.TrainState
   decoder_state: state_lib.TrainState
   reference: finetune.ReferencePolicy
@@ -238,8 +240,8 @@ def _assemble(config: settings_lib.Settings, encoder, decoder, encoder_state, de
               reference, sampling, mesh, rules) -> TrainingSetup:
   rl_settings = rlso.RLSOSettings.from_config(config.rl)
   return TrainingSetup(
-      encoder_state=encoder_state, decoder_state=decoder_state, reference=reference,
-      rl_settings=rl_settings, sampling=sampling,
+      settings=config, encoder_state=encoder_state, decoder_state=decoder_state,
+      reference=reference, rl_settings=rl_settings, sampling=sampling,
       steps=make_steps(config, encoder_state, decoder_state, rl_settings, sampling, mesh, rules),
       encoder_trainable=_count(encoder, encoder_state.wrt),
       encoder_total=_count(encoder, nnx.Param),
