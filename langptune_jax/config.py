@@ -1,9 +1,12 @@
 """Config helpers: validation, loading config files, workdirs and dtype names.
 
 `validate` runs once at start and checks types, ranges and cross-field rules of
-an ``ml_collections`` config (schema: configs/base.py). Every failure is one
-line ``field=value: rule``; all failures are reported together in one
-:class:`ConfigError`.
+an ``ml_collections`` config (schema: configs/base.py). Every field of the
+schema has a rule (tests/test_settings.py walks configs/base.py against
+:func:`ruled_fields`), and a field the schema lacks is an error. Every failure
+is one line ``field=value: rule``; all failures are reported together in one
+:class:`ConfigError`. A validated config converts into typed, frozen sections
+with :func:`langptune_jax.settings.from_config`.
 """
 
 from __future__ import annotations
