@@ -82,7 +82,7 @@ def build_trainer(config, workdir) -> Trainer:
   model_limits.check(settings)  # before the dataset is built or a model is loaded
   mesh = parallel.make_mesh(settings.mesh)
   rules = parallel.rules_from_config(settings.mesh.rules)
-  data = load_run_data(config, workdir)
+  data = load_run_data(settings, workdir)
   encoder = setup_lib.load_writer(settings.encoder, mesh, rules)
   decoder = setup_lib.load_recommender(settings.decoder, mesh)
   writer = MetricsWriter(str(workdir), tensorboard=settings.logging.tensorboard,
