@@ -341,12 +341,13 @@ def _leaf(key: str, value, kind):
       return tuple(value)
   if not ok:
     shown = repr(value) if isinstance(value, str) else value
-    raise SettingsError(f"{key}={shown}: must be {_KIND_NAMES.get(kind, 'a list')}")
+    raise SettingsError(f"{key}={shown}: must be {_KIND_NAMES[kind]}")
   return float(value) if kind is float else value
 
 
 _KIND_NAMES = {bool: "true or false", int: "an integer", float: "a finite number",
-               str: "a string"}
+               str: "a string", tuple[int, ...]: "a list of integers",
+               tuple[str, ...]: "a list of strings"}
 
 
 def _frozen(value):

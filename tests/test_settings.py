@@ -85,7 +85,7 @@ def test_a_field_the_typed_layer_lacks_is_one_clear_line():
     ("rl.lr", "fast", "rl.lr='fast': must be a finite number"),
     ("cl.batch_size", 2.5, "cl.batch_size=2.5: must be an integer"),
     ("eval.greedy", 1, "eval.greedy=1: must be true or false"),
-    ("lora.targets", ("q", 3), "lora.targets=('q', 3): must be a list"),
+    ("lora.targets", ("q", 3), "lora.targets=('q', 3): must be a list of strings"),
 ])
 def test_a_value_of_the_wrong_kind_is_one_clear_line(key, value, message):
   # A config built from base refuses most such values itself; a hand-built section does not.
