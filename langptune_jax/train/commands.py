@@ -15,7 +15,7 @@ import shutil
 
 import numpy as np
 
-from langptune_jax import model_limits, parallel
+from langptune_jax import distributed, model_limits, parallel
 from langptune_jax.data import builder as data_builder
 from langptune_jax.data import loader as data_loader
 from langptune_jax.data import prepare as data_prepare
@@ -46,9 +46,13 @@ def _user_split(columns: dict) -> UserSplit:
 def load_run_data(config, workdir) -> RunData:
   """The prepared dataset as in-memory arrays (prepares it first if it is missing)."""
   folder = data_prepare.dataset_dir(config, workdir)
-  if not (folder / data_builder.STATS_FILE).exists():
-    print(f"no prepared dataset at {folder}: preparing it now")
-    data_prepare.run(config, workdir)
+  # The coordinator decides and prepares; the other processes wait for its dataset.
+  if distributed.broadcast_from_coordinator(
+      np.int32(not (folder / data_builder.STATS_FILE).exists())):
+    if distributed.is_coordinator():
+      print(f"no prepared dataset at {folder}: preparing it now")
+      data_prepare.run(config, workdir)
+    distributed.sync("dataset_prepared")
   settings = data_loader.load_stats(folder).get("settings", {})
   built = dict(settings.get("data", {}), **{
       "encoder.path": settings.get("encoder_path"), "decoder.path": settings.get("decoder_path")})
@@ -96,6 +100,8 @@ def build_trainer(config, workdir) -> Trainer:
 
 
 def _print_report(trainer: Trainer) -> None:
+  if not distributed.is_coordinator():
+    return
   table = report.write_report(str(trainer.workdir), trainer.history, trainer.curves,
                               tuple(int(k) for k in trainer.config.eval.ks),
                               int(trainer.config.logging.num_sample_profiles))
@@ -135,6 +141,8 @@ def evaluate(config, workdir) -> int:
                      baselines=not trainer.evaluator.reference_ranks.get(split))
     entry = trainer.history[-1]
     path = os.path.join(workdir, f"evaluate_{tag}_{split}.json")
+    if not distributed.is_coordinator():
+      return 0
     with open(path + ".tmp", "w") as f:
       json.dump(entry, f, indent=2)
     os.replace(path + ".tmp", path)
