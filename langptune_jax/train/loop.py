@@ -311,7 +311,7 @@ class Trainer:
     if self.writer is not None:
       for name, values in entry["results"].items():
         self.writer.write(self.position.global_step(self.config), values,
-                          prefix=f"eval/{entry['split']}/{name}/")
+                          prefix=f"eval/{entry['split']}/{name}")
     return entry["results"]
 
   # --- bookkeeping -------------------------------------------------------------
@@ -333,7 +333,7 @@ class Trainer:
     self.position = LoopPosition(iteration, phase, step + 1)
     gstep = self.position.global_step(self.config)
     if self.writer is not None and (step + 1) % int(self.config.logging.every_steps) == 0:
-      self.writer.write(gstep, metrics, prefix=f"{phase}/")
+      self.writer.write(gstep, metrics, prefix=phase)
     self.curves.append({"phase": phase, "step": gstep, **metrics})
     self._steps_this_run += 1
     every = int(self.config.checkpoint.every_steps)
