@@ -4,8 +4,9 @@ One JAX process runs per host (a TPU VM worker, a SLURM task, a GPU node).
 :func:`initialize` connects them before any device is touched; afterwards
 ``jax.devices()`` lists every device of every process and jitted steps run
 SPMD over all of them. Each process feeds only its own rows of a global batch
-(:func:`local_rows`, :func:`shard_indices`), which
-``parallel.global_batch`` assembles into global arrays.
+(``parallel.global_batch`` places only the rows of the process's own devices),
+host-side results every process needs come back through :func:`to_host`, and
+only the coordinator writes files (:func:`is_coordinator`).
 
 Where the coordinator comes from, in order:
 
@@ -186,6 +187,23 @@ def process_allgather(tree: Any) -> Any:
     return jax.tree.map(lambda x: np.asarray(x)[None], tree)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   return multihost_utils.process_allgather(tree, tiled=False)
+
+
+def to_host(tree: Any) -> Any:
+  """The full value of every array of a pytree as numpy, on every process.
+
+  A global array spanning other processes' devices is gathered from all of them
+  (``multihost_utils.process_allgather``); anything else is read locally.
+  """
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+  return jax.tree.map(one, tree)
 
 
 def describe(devices: Sequence[jax.Device] | None = None) -> str:

@@ -49,8 +49,8 @@ def _scalar(value: Any) -> float | None:
 def _is_main_process() -> bool:
   if "jax" not in sys.modules:  # don't start a backend just to ask
     return True
-  import jax
-  return jax.process_index() == 0
+  from langptune_jax import distributed
+  return distributed.is_coordinator()
 
 
 class MetricsWriter:

@@ -233,13 +233,19 @@ def data_parallel_size(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RU
   return math.prod(mesh.shape[a] for a in axes)
 
 
-def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh,
+def global_batch(batch: dict[str, np.ndarray], mesh: Mesh,
                  rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> dict[str, jax.Array]:
-  """Assembles per-process batch shards into global arrays sharded over `batch`.
+  """Global arrays sharded over `batch` from the rows of a whole global batch.
 
-  With one process this is a plain device_put; with several, each process
-  passes its own rows and the global batch is their concatenation.
+  The data-feeding convention of a multi-process run: every process derives the
+  same global rows (from the same seeds and data), and each places only the rows
+  its own devices hold (the callback is asked for addressable shards only), so a
+  global batch never crosses the host boundary and a run gives the same batch
+  whatever the number of processes.
   """
-  return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v), rules),
-                                                    np.asarray(v))
-          for k, v in local_batch.items()}
+  out = {}
+  for k, v in batch.items():
+    host = np.asarray(v)
+    out[k] = jax.make_array_from_callback(host.shape, batch_sharding(mesh, host.ndim, rules),
+                                          lambda idx, host=host: host[idx])
+  return out

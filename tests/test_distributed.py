@@ -30,11 +30,8 @@ PROMPTS, GROUP = 4, 2
 
 # --- the computation both the workers and the single-process reference run ---
 
-def _iteration(mesh, local_rows):
-  """One CL update and one RLSO iteration; returns (flat params dict, metrics).
-
-  `local_rows(n)` is the slice of a global n-row batch this process feeds.
-  """
+def _iteration(mesh):
+  """One CL update and one RLSO iteration; returns (flat params dict, metrics)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -49,9 +46,8 @@ def _iteration(mesh, local_rows):
                               adam_b1=0.9, adam_b2=0.999, adam_eps=1e-6, max_grad_norm=0.0)
   rng = np.random.default_rng(0)  # the same global data on every process
 
-  def batch(arrays):
-    rows = local_rows(len(next(iter(arrays.values()))))
-    return parallel.global_batch({k: v[rows] for k, v in arrays.items()}, mesh)
+  def batch(arrays):  # each process places only its own rows of the global batch
+    return parallel.global_batch(arrays, mesh)
 
   # CL: InfoNCE on a tiny BERT embedder.
   bcfg = dataclasses.replace(presets.bert_config("tiny-bert"), num_layers=1)
@@ -135,7 +131,7 @@ def _worker(pid: int, port: int, out: str) -> None:
   assert distributed.initialize(dist, log=lambda _: None)
   assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
   mesh = parallel.make_mesh(types.SimpleNamespace(data=2, fsdp=2, tensor=1))
-  params, metrics = _iteration(mesh, lambda n: distributed.local_rows(n, mesh))
+  params, metrics = _iteration(mesh)
   users = distributed.shard_indices(NUM_USERS)
   np.savez(os.path.join(out, f"params_{pid}.npz"), **params)
   with open(os.path.join(out, f"result_{pid}.json"), "w") as f:
@@ -171,7 +167,7 @@ def test_two_processes_train_identically(tmp_path):
   # workers run.
   mesh = parallel.make_mesh(types.SimpleNamespace(data=2, fsdp=2, tensor=1),
                             devices=jax.devices()[:4])
-  expected, metrics = _iteration(mesh, lambda n: slice(0, n))
+  expected, metrics = _iteration(mesh)
   logs = []
   for proc in procs:
     try:

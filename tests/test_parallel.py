@@ -178,13 +178,18 @@ _WORKER = textwrap.dedent("""
     import ml_collections
     port, pid = sys.argv[1], int(sys.argv[2])
     jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
-    from langptune_jax import parallel
+    from langptune_jax import distributed, parallel
     mesh = parallel.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 2, "tensor": 1}))
-    # Each process passes its own 8 rows; the global batch is their concatenation.
-    local = np.arange(8, dtype=np.float32) + 8 * pid
-    batch = parallel.global_batch({"x": local[:, None]}, mesh)
+    # Every process passes the 16 global rows but places only its own: rows of the
+    # other process are poisoned here and must never be read.
+    rows = np.full(16, np.nan, np.float32)
+    own = distributed.local_rows(16, mesh)
+    rows[own] = np.arange(16, dtype=np.float32)[own]
+    batch = parallel.global_batch({"x": rows[:, None]}, mesh)
     total = jax.jit(lambda b: b["x"].sum())(batch)
-    print("RESULT", jax.device_count(), dict(mesh.shape)["data"], batch["x"].shape, float(total))
+    gathered = distributed.to_host(batch)["x"]  # every process sees all 16 rows
+    print("RESULT", jax.device_count(), dict(mesh.shape)["data"], batch["x"].shape, float(total),
+          gathered.ravel().tolist() == list(range(16)))
 """)
 
 
@@ -217,4 +222,4 @@ def test_two_processes_build_one_mesh_and_global_batch(tmp_path):
   for out in outputs:
     line = [ln for ln in out.splitlines() if ln.startswith("RESULT")][-1]
     # 2 processes x 4 devices; data = 8 / fsdp 2; 16 global rows; sum(0..15) = 120.
-    assert line == "RESULT 8 4 (16, 1) 120.0", line
+    assert line == "RESULT 8 4 (16, 1) 120.0 True", line

@@ -15,10 +15,9 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from langptune_jax import observability, parallel
+from langptune_jax import distributed, observability, parallel
 from langptune_jax.models import embedder as embedder_lib
 from langptune_jax.rec import metrics
 
@@ -68,12 +67,6 @@ def profile_rewards(profile_emb: Array, item_emb: Array, targets: Array,
   ranks = profile_ranks(profile_emb, item_emb, targets, history)
   rewards = metrics.rank_rewards(ranks, reward_type, truncated, penalty_reward)
   return (rewards, ranks) if return_ranks else rewards
-
-
-def _to_host(x: Array) -> np.ndarray:
-  if getattr(x, "is_fully_addressable", True):
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -130,7 +123,7 @@ def embed_catalogue(embed_fn: EmbedFn, item_tokens: np.ndarray, item_mask: np.nd
     if mesh is not None:
       tokens = parallel.put(tokens, mesh, ("batch", None))
       mask = parallel.put(mask, mesh, ("batch", None))
-    emb = _to_host(embed_fn(tokens, mask))
+    emb = distributed.to_host(embed_fn(tokens, mask))
     chunks.append(emb[: stop - start])
   emb = np.concatenate(chunks, axis=0).astype(np.float32)
   norm = np.linalg.norm(emb, axis=-1, keepdims=True)
@@ -186,9 +179,9 @@ def rank_users(query_emb: np.ndarray | Array, item_emb: np.ndarray | Array,
       if mesh is not None:
         parts = [parallel.put(p, mesh, ("batch",) + (None,) * (p.ndim - 1)) for p in parts]
       r, top = _rank_chunk(parts[0], item_emb, parts[1], parts[2], ks)
-      ranks.append(_to_host(r)[: stop - start])
+      ranks.append(distributed.to_host(r)[: stop - start])
       if ks:
-        tops.append(_to_host(top)[: stop - start])
+        tops.append(distributed.to_host(top)[: stop - start])
   ranks = np.concatenate(ranks) if ranks else np.zeros((0,), np.int32)
   if ks:
     return ranks, (np.concatenate(tops) if tops else np.zeros((0, top_k), np.int32))

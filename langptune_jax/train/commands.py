@@ -16,7 +16,7 @@ import shutil
 
 import numpy as np
 
-from langptune_jax import model_limits, parallel
+from langptune_jax import distributed, model_limits, parallel
 from langptune_jax import settings as settings_lib
 from langptune_jax.data import builder as data_builder
 from langptune_jax.data import loader as data_loader
@@ -49,9 +49,13 @@ def load_run_data(config, workdir) -> RunData:
   """The prepared dataset as in-memory arrays (prepares it first if it is missing)."""
   settings = settings_lib.of(config)
   folder = data_prepare.dataset_dir(settings, workdir)
-  if not (folder / data_builder.STATS_FILE).exists():
-    print(f"no prepared dataset at {folder}: preparing it now")
-    data_prepare.run(settings, workdir)
+  # The coordinator decides and prepares; the other processes wait for its dataset.
+  if distributed.broadcast_from_coordinator(
+      np.int32(not (folder / data_builder.STATS_FILE).exists())):
+    if distributed.is_coordinator():
+      print(f"no prepared dataset at {folder}: preparing it now")
+      data_prepare.run(settings, workdir)
+    distributed.sync("dataset_prepared")
   recorded = data_loader.load_stats(folder).get("settings", {})
   built = dict(recorded.get("data", {}), **{
       "encoder.path": recorded.get("encoder_path"), "decoder.path": recorded.get("decoder_path")})
@@ -94,6 +98,8 @@ def build_trainer(config, workdir) -> Trainer:
 
 
 def _print_report(trainer: Trainer) -> None:
+  if not distributed.is_coordinator():
+    return
   settings = trainer.setup.settings
   table = report.write_report(str(trainer.workdir), trainer.history, trainer.curves,
                               settings.eval.ks, settings.logging.num_sample_profiles)
@@ -134,6 +140,8 @@ def evaluate(config, workdir) -> int:
                      baselines=not trainer.evaluator.reference_ranks.get(split))
     entry = trainer.history[-1]
     path = os.path.join(workdir, f"evaluate_{tag}_{split}.json")
+    if not distributed.is_coordinator():
+      return 0
     with open(path + ".tmp", "w") as f:
       json.dump(entry, f, indent=2)
     os.replace(path + ".tmp", path)

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from langptune_jax import observability, parallel
+from langptune_jax import distributed, observability, parallel
 from langptune_jax.data import prompts as prompts_lib
 from langptune_jax.rec import metrics as metrics_lib
 from langptune_jax.rec import retrieval
@@ -208,7 +208,9 @@ class Evaluator:
                                            mesh=self.mesh))
 
   def write_records(self, tag: str, users: UserSplit, profiles, ranks) -> None:
-    """One JSON line per user: prompt, profile, target and its rank."""
+    """One JSON line per user: prompt, profile, target and its rank (written by the coordinator)."""
+    if not distributed.is_coordinator():
+      return
     path = os.path.join(self.workdir, "profiles", f"{tag}.jsonl")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"

@@ -30,8 +30,8 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from langptune_jax import distributed, observability, parallel
 from langptune_jax import flops as flops_lib
-from langptune_jax import observability, parallel
 from langptune_jax.models import embedder as embedder_lib
 from langptune_jax.rec import retrieval
 from langptune_jax.train import checkpoint as ckpt_lib
@@ -68,7 +68,7 @@ class LoopPosition:
 
 
 def _scalars(metrics: dict) -> dict[str, float]:
-  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+  return {k: float(v) for k, v in distributed.to_host(metrics).items()}
 
 
 class Trainer:
@@ -240,8 +240,7 @@ class Trainer:
     with parallel.use_mesh(self.mesh, self.rules):
       out = profiles_lib.generate(self.encoder_state.model, rows["prompt_tokens"],
                                   rows["prompt_mask"], self.sampling, key)
-    response_tokens = np.asarray(jax.device_get(out.tokens))
-    response_mask = np.asarray(jax.device_get(out.response_mask))
+    response_tokens, response_mask = distributed.to_host((out.tokens, out.response_mask))
     texts = profiles_lib.decode_responses(self.encoder_tokenizer, response_tokens, response_mask)
     dec_tokens, dec_mask, truncated = profiles_lib.to_decoder_inputs(
         texts, self.decoder_tokenizer, int(self.config.data.decoder_max_len))
@@ -257,7 +256,7 @@ class Trainer:
                               self.rules))
     total_reward, kl = rlso.shaped_rewards(task_reward, logp_old, logp_ref, self.rl_settings)
     batch.update(logp_old=logp_old, total_reward=total_reward, task_reward=task_reward, kl=kl)
-    batch = {k: np.asarray(jax.device_get(v)) for k, v in batch.items()}
+    batch = distributed.to_host(batch)
     pass_metrics = []
     for _ in range(int(self.config.rl.num_ppo_epochs)):
       shuffled = rlso.shuffle_groups(batch, group, shuffle_rng)
@@ -312,7 +311,7 @@ class Trainer:
     if self.writer is not None:
       for name, values in entry["results"].items():
         self.writer.write(self.position.global_step(self.config), values,
-                          prefix=f"eval/{entry['split']}/{name}/")
+                          prefix=f"eval/{entry['split']}/{name}")
     return entry["results"]
 
   # --- bookkeeping -------------------------------------------------------------
@@ -334,7 +333,7 @@ class Trainer:
     self.position = LoopPosition(iteration, phase, step + 1)
     gstep = self.position.global_step(self.config)
     if self.writer is not None and (step + 1) % int(self.config.logging.every_steps) == 0:
-      self.writer.write(gstep, metrics, prefix=f"{phase}/")
+      self.writer.write(gstep, metrics, prefix=phase)
     self.curves.append({"phase": phase, "step": gstep, **metrics})
     self._steps_this_run += 1
     every = int(self.config.checkpoint.every_steps)

@@ -14,7 +14,7 @@ import dataclasses
 import jax
 import numpy as np
 
-from langptune_jax import observability, parallel, sampling
+from langptune_jax import distributed, observability, parallel, sampling
 from langptune_jax import settings as settings_lib
 from langptune_jax.models import embedder as embedder_lib
 
@@ -101,8 +101,8 @@ def write_profiles(model, prompt_tokens: np.ndarray, prompt_mask: np.ndarray, *,
       tok = np.concatenate([prompt_tokens[start:stop]] + [prompt_tokens[stop - 1:stop]] * pad)
       msk = np.concatenate([prompt_mask[start:stop]] + [prompt_mask[stop - 1:stop]] * pad)
       out = generate(model, tok, msk, settings, jax.random.fold_in(rng, i), greedy=greedy)
-      out_tokens = np.asarray(jax.device_get(out.tokens))[: stop - start]
-      out_mask = np.asarray(jax.device_get(out.response_mask))[: stop - start]
+      out_tokens, out_mask = distributed.to_host((out.tokens, out.response_mask))
+      out_tokens, out_mask = out_tokens[: stop - start], out_mask[: stop - start]
       texts.extend(decode_responses(encoder_tokenizer, out_tokens, out_mask))
       if keep_tokens:
         responses.append(out_tokens)

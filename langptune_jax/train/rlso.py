@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from langptune_jax import parallel, sampling
+from langptune_jax import distributed, parallel, sampling
 from langptune_jax import settings as settings_lib
 from langptune_jax.train import losses
 from langptune_jax.train import state as state_lib
@@ -176,7 +176,7 @@ def scoring_batch(batch: dict, rollout: sampling.SampleOutput, settings: RLSOSet
   """The input of :func:`make_policy_logprobs`: `batch` plus the sampler's log-probs if reused."""
   if not settings.reuse_rollout_logprobs:
     return batch
-  return dict(batch, rollout_logprobs=np.asarray(jax.device_get(rollout.logprobs), np.float32))
+  return dict(batch, rollout_logprobs=distributed.to_host(rollout.logprobs).astype(np.float32))
 
 
 def repeat_prompts(batch: dict, group_size: int) -> dict:

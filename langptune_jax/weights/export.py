@@ -17,12 +17,11 @@ import struct
 from pathlib import Path
 from typing import Any
 
-import jax
 import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from langptune_jax import fs
+from langptune_jax import distributed, fs
 from langptune_jax.models import gemma, layers, llama
 from langptune_jax.models.transformer import Decoder, DecoderConfig
 from langptune_jax.weights import hf as hf_weights
@@ -59,24 +58,17 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, np.ndarray],
       f.write(array.tobytes())
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
-  if jax.process_count() > 1 and not x.is_fully_addressable:
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
-
-
 def merged_params(model: nnx.Module) -> dict[str, np.ndarray]:
   """Our path -> host array of every base parameter, LoRA deltas merged in."""
   out: dict[str, np.ndarray] = {}
   for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     if isinstance(var, nnx.LoRAParam):
       continue
-    out["/".join(map(str, path))] = _to_host(var.get_value())
+    out["/".join(map(str, path))] = distributed.to_host(var.get_value())
   for path, node in nnx.iter_graph(model):
     if isinstance(node, layers.Linear) and node.lora is not None:
       key = "/".join(map(str, path)) + "/kernel"
-      delta = _to_host(node.lora.delta())
+      delta = distributed.to_host(node.lora.delta())
       out[key] = (out[key].astype(np.float32) + delta.astype(np.float32)).astype(out[key].dtype)
   return out
 
@@ -93,7 +85,7 @@ def hf_state(model: Decoder, dtype=np.float32) -> dict[str, np.ndarray]:
   params = merged_params(model)
   if getattr(model, "head_lora", None) is not None:
     table = params["embedder/embedding"].astype(np.float32)  # [vocab, embed]
-    delta = _to_host(model.head_lora.delta()).astype(np.float32)  # [embed, vocab]
+    delta = distributed.to_host(model.head_lora.delta()).astype(np.float32)  # [embed, vocab]
     params["lm_head/kernel"] = (table.T + delta).astype(params["embedder/embedding"].dtype)
   names = hf_weights.hf_names(_exported_config(model))
   missing = sorted(set(names) - set(params))
@@ -130,7 +122,7 @@ def export_decoder(model: Decoder, out_dir: str | os.PathLike, *, dtype="float32
     raise ValueError(f"export dtype={dtype!r}: use 'float32', 'float16' or 'bfloat16'")
   state = hf_state(model, np_dtype)  # every process joins the gathers
   out_dir = Path(out_dir).expanduser()
-  if jax.process_index() != 0:
+  if not distributed.is_coordinator():
     return out_dir
   with staged_dir(out_dir, overwrite=True) as tmp:
     write_safetensors(tmp / hf_weights.SINGLE_FILE, state)
@@ -173,7 +165,7 @@ def staged_dir(out_dir: str | os.PathLike, *, overwrite: bool = False):
   tmp = fs.temp_dir(out_dir.parent, prefix=f".{out_dir.name}.tmp-")
   try:
     yield tmp
-    if jax.process_index() != 0:
+    if not distributed.is_coordinator():
       shutil.rmtree(tmp, ignore_errors=True)
       return
     check_target(out_dir, overwrite)  # it may have filled up while we wrote
