@@ -1,7 +1,8 @@
 """Preemption, a dead peer and a changed topology, each the way it happens on a cluster.
 
-- SIGTERM to a running ``langptune-jax train`` in its RL phase: exit 0, one line, a
-  checkpoint at a step boundary, and the resumed run ends where an uninterrupted one does.
+- SIGTERM to a running ``langptune-jax train`` in its RL phase (and to a run in its CL
+  phase): exit 0, one line, a checkpoint at a step boundary, and the resumed run ends where
+  an uninterrupted one does.
 - Two processes (coordinator on 127.0.0.1): SIGTERM to one makes both stop at the same
   step through JAX's preemption sync point; kill -9 of one ends the other within a
   bound set by ``distributed.heartbeat_timeout_seconds``.
@@ -170,6 +171,39 @@ def test_sigterm_in_the_rl_phase_checkpoints_and_resumes_exactly(model_dirs, ml1
   assert [e["results"] for e in results[1]] == [e["results"] for e in results[0]]
 
 
+def test_sigterm_in_the_cl_phase_stops_at_the_next_step_boundary(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  import test_faults  # pylint: disable=g-import-not-at-top
+
+  from langptune_jax.train import loop as loop_lib
+  straight = test_faults.make_trainer(test_faults.planted_config(), tmp_path / "straight")
+  straight.run()
+  want = test_faults.params(straight)
+  straight.close()
+  before = signal.getsignal(signal.SIGTERM)
+  trainer = test_faults.make_trainer(test_faults.planted_config(), tmp_path / "run")
+  cl_step = trainer.cl_step
+
+  def cl_step_then_sigterm(*args):
+    out = cl_step(*args)
+    os.kill(os.getpid(), signal.SIGTERM)  # the notice arrives during the first CL update
+    return out
+
+  trainer.cl_step = cl_step_then_sigterm
+  trainer.run()
+  assert trainer.preempted and not trainer.finished
+  assert trainer.position == loop_lib.LoopPosition(0, "cl", 1)
+  trainer.close()
+  assert signal.getsignal(signal.SIGTERM) == before  # the handler lives only as long as the run
+  assert _latest_checkpoint(tmp_path / "run")[0]["position"] == {"iteration": 0, "phase": "cl",
+                                                                 "step": 1}
+  resumed = test_faults.make_trainer(test_faults.planted_config(), tmp_path / "run")
+  resumed.run()
+  assert resumed.finished and not resumed.preempted
+  jax.tree.map(np.testing.assert_array_equal, want, test_faults.params(resumed))
+  resumed.close()
+
+
 # --- two processes: the sync point and a dead peer --------------------------------------------
 
 def _worker(pid: int, port: int, out: str, mode: str) -> None:
@@ -259,6 +293,8 @@ def test_killed_peer_ends_the_other_process_within_the_bound(tmp_path, victim):
     for p in procs:
       if p.poll() is None:
         p.kill()
+  print(f"survivor of a killed {['coordinator', 'worker'][victim]}: exit {code} after "
+        f"{elapsed:.1f} s")
   assert code != 0 and elapsed < HEARTBEAT_S + SLACK_S, (code, elapsed, out[-3000:])
   # Either its next collective failed (our line, exit 3) or, blocked, JAX ended it once the
   # dead process had missed its heartbeats (JAX's line, abort).
