@@ -142,7 +142,8 @@ class Trainer:
     """Runs (or resumes) the whole schedule; returns the evaluation history.
 
     With ``train.stop_after_steps`` the run checkpoints and returns early once
-    that many updates ran in this process; calling it again resumes.
+    that many updates ran in this process, and after a SIGTERM at the first step
+    boundary every process agrees on (``self.preempted``); calling it again resumes.
     """
     try:
       with self.preemption:
