@@ -227,4 +227,7 @@ def get_config() -> ml_collections.ConfigDict:
   dist.coordinator_address = ""  # empty: from the environment (TPU/SLURM)
   dist.num_processes = 0
   dist.process_id = -1
+  # A process silent this long counts as dead and the others stop (bounds a hang on a lost host).
+  dist.heartbeat_timeout_seconds = 100
+  dist.initialization_timeout_seconds = 300  # how long start-up waits for every process
   return c

@@ -543,6 +543,8 @@ def _validate_runtime(c: _Checker) -> None:
   pid = c.integer("distributed.process_id", lo=-1, rule="must be >= -1 (-1: from the environment)")
   if _ok(procs, pid) and procs > 0 and pid >= procs:
     c.fail("distributed.process_id", pid, f"must be < distributed.num_processes={procs}")
+  c.integer("distributed.heartbeat_timeout_seconds", lo=1)
+  c.integer("distributed.initialization_timeout_seconds", lo=1)
 
 
 def _validate_serving(c: _Checker) -> None:

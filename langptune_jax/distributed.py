@@ -16,13 +16,20 @@ Where the coordinator comes from, in order:
    and ``JAX_PROCESS_ID`` (what tpu_scripts/ and the SLURM script export);
 3. JAX's own cluster detection (Cloud TPU metadata, SLURM, Open MPI), used when
    ``config.distributed.initialize`` is true and nothing above is set.
+
+A process that dies takes the run down with it, in bounded time: the others
+fail at their next collective (:func:`exit_on_lost_peer` turns that into one
+line and exit status 3), and one blocked elsewhere is ended by JAX once the dead
+process has sent no heartbeat for ``distributed.heartbeat_timeout_seconds``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
+import sys
 from typing import Any, Sequence
 
 import jax
@@ -31,6 +38,7 @@ import numpy as np
 ENV_ADDRESS = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
 ENV_PROCESS_ID = "JAX_PROCESS_ID"
+LOST_PEER_EXIT = 3  # apart from a bad config (2), so launchers can restart on it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,15 +108,67 @@ def initialize(dist_config=None, *, log=logging.info) -> bool:
     return _initialized
   if os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu":
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  kwargs: dict[str, Any] = {}
+  kwargs: dict[str, Any] = _timeouts(dist_config)
   if spec.coordinator_address:
-    kwargs = dict(coordinator_address=spec.coordinator_address,
+    kwargs.update(coordinator_address=spec.coordinator_address,
                   num_processes=spec.num_processes, process_id=spec.process_id)
+  # The preemption sync point (langptune_jax.preemption) needs JAX's preemption service.
+  jax.config.update("jax_enable_preemption_service", True)
   jax.distributed.initialize(**kwargs)
   _initialized = True
   log(f"distributed: process {jax.process_index()} of {jax.process_count()} "
       f"({spec.source}), {jax.local_device_count()} local of {jax.device_count()} devices")
   return True
+
+
+def _timeouts(dist_config) -> dict[str, int]:
+  """jax.distributed.initialize's timeouts from ``config.distributed`` (JAX's defaults without)."""
+  out = {}
+  for field, arg in (("heartbeat_timeout_seconds", "heartbeat_timeout_seconds"),
+                     ("initialization_timeout_seconds", "initialization_timeout")):
+    value = getattr(dist_config, field, None)
+    if value is None:
+      continue
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"distributed.{field}={value!r}: must be an integer >= 1")
+    out[arg] = value
+  return out
+
+
+# What a collective or the coordination service reports when another process is gone.
+_LOST_PEER_SIGNS = ("connection closed by peer", "connection reset by peer", "broken pipe",
+                    "heartbeat", "unhealthy", "task is set to error", "socket closed")
+
+
+def lost_peer_message(error: BaseException) -> str | None:
+  """One line for an error caused by another process of the run dying, else None."""
+  if jax.process_count() < 2:
+    return None
+  text = str(error)
+  if not any(sign in text.lower() for sign in _LOST_PEER_SIGNS):
+    return None
+  first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(error).__name__)
+  return (f"process {jax.process_index()} of {jax.process_count()}: another process of this "
+          f"run died or became unreachable ({first[:200]}); stopping. Start every process "
+          "again to resume from the last checkpoint")
+
+
+@contextlib.contextmanager
+def exit_on_lost_peer():
+  """Ends this process with one line and LOST_PEER_EXIT when another process died.
+
+  ``os._exit`` skips JAX's shutdown barrier at exit, which would wait for the
+  dead process until the heartbeat timeout and then abort with a stack dump.
+  """
+  try:
+    yield
+  except Exception as e:  # pylint: disable=broad-except
+    message = lost_peer_message(e)
+    if message is None:
+      raise
+    sys.stdout.flush()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(LOST_PEER_EXIT)
 
 
 def shutdown() -> None:

@@ -243,6 +243,14 @@ def _prepare(command: Command):
   return config, workdir
 
 
+def _exit_on_lost_peer():
+  """In a multi-process run, another process dying ends this one with one line (exit 3)."""
+  if "jax" not in sys.modules:  # commands that never started JAX run alone
+    return contextlib.nullcontext()
+  from langptune_jax import distributed
+  return distributed.exit_on_lost_peer()
+
+
 def _workdir_lock(name: str, workdir):
   """One run per work directory: commands that write there hold its lock."""
   if name not in LOCKED_COMMANDS or workdir is None:
@@ -266,7 +274,7 @@ def main(argv: list[str]) -> int:
   command = commands[name]
   try:
     config, workdir = _prepare(command)
-    with _workdir_lock(name, workdir):
+    with _exit_on_lost_peer(), _workdir_lock(name, workdir):
       result = command.load()(config, workdir)
   except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
     if _FLAGS["traceback"].value:

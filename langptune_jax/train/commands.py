@@ -112,7 +112,11 @@ def train(config, workdir) -> int:
   trainer = build_trainer(config, workdir)
   try:
     trainer.run()
-    if trainer.finished:
+    if trainer.preempted:
+      where = trainer.position
+      print(f"preempted: checkpoint saved at iteration {where.iteration}, {where.phase} step "
+            f"{where.step}; run the same command to resume")
+    elif trainer.finished:
       _print_report(trainer)
     else:
       print(f"stopped at {trainer.position} (train.stop_after_steps); run again to resume")

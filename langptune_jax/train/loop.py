@@ -30,7 +30,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from langptune_jax import distributed, observability, parallel
+from langptune_jax import distributed, observability, parallel, preemption
 from langptune_jax import flops as flops_lib
 from langptune_jax.models import embedder as embedder_lib
 from langptune_jax.rec import retrieval
@@ -51,6 +51,10 @@ class NonFiniteLossError(FloatingPointError):
 
 class StopRequested(Exception):
   """Raised internally once ``train.stop_after_steps`` updates have run."""
+
+
+class Preempted(StopRequested):
+  """Raised internally at the step boundary all processes agreed on after a SIGTERM."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +129,8 @@ class Trainer:
     # Users each training phase and baseline fit has seen, by name (the leakage check).
     self.fitted_users: dict[str, set[int]] = collections.defaultdict(set)
     self._steps_this_run = 0  # updates since this process started (train.stop_after_steps)
+    self.preemption = preemption.Watch()
+    self.preempted = False  # stopped by a SIGTERM (checkpointed at a step boundary)
     self.checkpointer = (ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                                max_to_keep=int(config.checkpoint.max_to_keep))
                          if config.checkpoint.enabled else None)
@@ -136,11 +142,14 @@ class Trainer:
     """Runs (or resumes) the whole schedule; returns the evaluation history.
 
     With ``train.stop_after_steps`` the run checkpoints and returns early once
-    that many updates ran in this process; calling it again resumes.
+    that many updates ran in this process, and after a SIGTERM at the first step
+    boundary every process agrees on (``self.preempted``); calling it again resumes.
     """
     try:
-      return self._run()
-    except StopRequested:
+      with self.preemption:
+        return self._run()
+    except StopRequested as e:
+      self.preempted = isinstance(e, Preempted)
       logging.info("stopped after %d updates at %s", self._steps_this_run, self.position)
       return self.history
 
@@ -337,9 +346,13 @@ class Trainer:
     self.curves.append({"phase": phase, "step": gstep, **metrics})
     self._steps_this_run += 1
     every = int(self.config.checkpoint.every_steps)
+    # Every process asks at every step (JAX's sync point needs that), so before any `or`.
+    preempted = self.preemption.reached(gstep)
     stop = 0 < int(self.config.train.stop_after_steps) <= self._steps_this_run
-    if (every > 0 and (step + 1) % every == 0) or stop:
+    if (every > 0 and (step + 1) % every == 0) or stop or preempted:
       self._save(self.position)
+    if preempted:
+      raise Preempted()
     if stop:
       raise StopRequested()
 
