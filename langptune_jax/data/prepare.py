@@ -12,7 +12,7 @@ import pathlib
 import time
 from typing import Any
 
-from langptune_jax import model_limits
+from langptune_jax import fs, model_limits
 from langptune_jax.data import amazon, builder, core, movielens
 from langptune_jax.weights import tokenizer as tok_lib
 
@@ -23,10 +23,11 @@ def dataset_dir(config: Any, workdir: str | os.PathLike | None) -> pathlib.Path:
   """`data.dataset_dir`, else <workdir>/dataset."""
   d = config.data.get("dataset_dir", "") or ""
   if d:
-    return pathlib.Path(d).expanduser()
+    return fs.path(d) if fs.is_remote(d) else pathlib.Path(d).expanduser()
   if not workdir:
     raise ValueError("data.dataset_dir is empty and no workdir was given")
-  return pathlib.Path(workdir).expanduser() / "dataset"
+  return (fs.path(workdir) if fs.is_remote(workdir) else pathlib.Path(workdir).expanduser()
+          ) / "dataset"
 
 
 def _tokenizer(config: Any, section: str):

@@ -9,13 +9,12 @@ does not exist yet, so ``train`` alone runs the whole pipeline.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
 
 import numpy as np
 
-from langptune_jax import model_limits, parallel
+from langptune_jax import fs, model_limits, parallel
 from langptune_jax.data import builder as data_builder
 from langptune_jax.data import loader as data_loader
 from langptune_jax.data import prepare as data_prepare
@@ -49,6 +48,7 @@ def load_run_data(config, workdir) -> RunData:
   if not (folder / data_builder.STATS_FILE).exists():
     print(f"no prepared dataset at {folder}: preparing it now")
     data_prepare.run(config, workdir)
+  folder = fs.local_copy(folder, data_builder.STATS_FILE)  # array_record reads local files
   settings = data_loader.load_stats(folder).get("settings", {})
   built = dict(settings.get("data", {}), **{
       "encoder.path": settings.get("encoder_path"), "decoder.path": settings.get("decoder_path")})
@@ -100,7 +100,7 @@ def _print_report(trainer: Trainer) -> None:
                               tuple(int(k) for k in trainer.config.eval.ks),
                               int(trainer.config.logging.num_sample_profiles))
   print(table)
-  print(f"\nresults: {os.path.join(trainer.workdir, 'results.md')} "
+  print(f"\nresults: {fs.join(trainer.workdir, 'results.md')} "
         f"(plots: curves.png, metrics.png; profiles/: per-user profiles and ranks)")
 
 
@@ -134,10 +134,8 @@ def evaluate(config, workdir) -> int:
     trainer.evaluate(f"evaluate_{tag}_{split}", split=split,
                      baselines=not trainer.evaluator.reference_ranks.get(split))
     entry = trainer.history[-1]
-    path = os.path.join(workdir, f"evaluate_{tag}_{split}.json")
-    with open(path + ".tmp", "w") as f:
-      json.dump(entry, f, indent=2)
-    os.replace(path + ".tmp", path)
+    path = fs.join(workdir, f"evaluate_{tag}_{split}.json")
+    fs.write_text(path, json.dumps(entry, indent=2))
     print(report.results_table(report.method_rows([entry]), tuple(int(k) for k in config.eval.ks),
                                report.entry_intervals(entry)))
     print(f"\nwritten: {path}")
@@ -153,10 +151,11 @@ def export(config, workdir, overwrite: bool | None = None) -> int:
   the end; a non-empty ``export`` is replaced only with ``overwrite`` (--overwrite).
   """
   overwrite = _overwrite_flag() if overwrite is None else bool(overwrite)
-  checkpoints = pathlib.Path(workdir) / "checkpoints"
+  root = fs.as_path(workdir)
+  checkpoints = root / "checkpoints"
   if not ckpt_lib.has_checkpoint(checkpoints):  # before anything is built in the workdir
     raise FileNotFoundError(f"no checkpoint in {checkpoints}: train first")
-  out = pathlib.Path(workdir) / "export"
+  out = root / "export"
   export_lib.check_target(out, overwrite)
   trainer = build_trainer(config, workdir)
   try:

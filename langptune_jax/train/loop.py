@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-import os
 
 import jax
 import numpy as np
@@ -31,7 +30,7 @@ from absl import logging
 from flax import nnx
 
 from langptune_jax import flops as flops_lib
-from langptune_jax import observability, parallel
+from langptune_jax import fs, observability, parallel
 from langptune_jax.models import embedder as embedder_lib
 from langptune_jax.rec import retrieval
 from langptune_jax.train import checkpoint as ckpt_lib
@@ -86,7 +85,7 @@ class Trainer:
     self.mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
     self.rules = parallel.rules_from_config(config.mesh.rules)
     self.seed = int(config.seed)
-    os.makedirs(workdir, exist_ok=True)
+    fs.makedirs(workdir)
 
     self.setup = setup_lib.build(config, encoder, decoder,
                                  eos_ids=profiles_lib.eos_ids(encoder_tokenizer, encoder),
@@ -109,7 +108,7 @@ class Trainer:
     self.rlso_pass = self.rl_timer.wrap(self.steps.rlso_pass)
     self.cl_step = self.cl_timer.wrap(self.steps.cl_step)
     self.profile_window = observability.ProfileWindow(config.profile,
-                                                      os.path.join(workdir, "profile"))
+                                                      fs.join(workdir, "profile"))
     self.evaluator = evaluation.Evaluator(
         config, data, workdir, embed_texts=self.embed_texts, write_profiles=self.write_profiles,
         decoder_state=lambda: self.decoder_state, decoder_tokenizer=decoder_tokenizer,
@@ -125,7 +124,7 @@ class Trainer:
     # Users each training phase and baseline fit has seen, by name (the leakage check).
     self.fitted_users: dict[str, set[int]] = collections.defaultdict(set)
     self._steps_this_run = 0  # updates since this process started (train.stop_after_steps)
-    self.checkpointer = (ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+    self.checkpointer = (ckpt_lib.Checkpointer(fs.join(workdir, "checkpoints"),
                                                max_to_keep=int(config.checkpoint.max_to_keep))
                          if config.checkpoint.enabled else None)
     self.fingerprint = ckpt_lib.config_fingerprint(config)
