@@ -101,6 +101,22 @@ def write_text(p: str | os.PathLike, text: str) -> None:
   write_bytes(p, text.encode("utf-8"))
 
 
+def create_new(p: str | os.PathLike, data: bytes) -> None:
+  """Writes file `p` only if it does not exist yet, else FileExistsError.
+
+  On GCS this is one upload with ``ifGenerationMatch=0``: of two processes
+  racing to create the object, exactly one succeeds.
+  """
+  if not is_remote(p):
+    with open(path(p), "xb") as f:
+      f.write(data)
+    return
+  import fsspec  # epath's open has no exclusive mode; gcsfs has ("xb")
+  filesystem, name = fsspec.core.url_to_fs(os.fspath(p))
+  with filesystem.open(name, "xb") as f:
+    f.write(data)
+
+
 def rmtree(p: str | os.PathLike) -> None:
   """Removes folder `p` and everything under it, if it exists."""
   target = path(p)

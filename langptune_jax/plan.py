@@ -27,7 +27,6 @@ import dataclasses
 import json
 import logging
 import math
-import pathlib
 import sys
 from typing import Any, Callable
 

@@ -29,7 +29,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import pathlib
 import socket
 import sys
 
@@ -107,8 +106,7 @@ def _acquire_object(path, command: str) -> None:
       with contextlib.suppress(FileNotFoundError):
         path.unlink()
     try:
-      with path.open("xb") as f:  # fails when another process created it since
-        f.write(_record(command).encode())
+      fs.create_new(path, _record(command).encode())  # fails if another process made it since
       return
     except FileExistsError:
       continue
