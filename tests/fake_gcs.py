@@ -4,26 +4,36 @@
 clients a run uses: gcsfs, behind etils.epath, through ``STORAGE_EMULATOR_HOST``
 and tensorstore (orbax's array writer) through ``TENSORSTORE_GCS_HTTP_URL``
 with a fixed test token. Child processes inherit the variables, so a CLI run
-started from a test writes into the same bucket. The server ignores
-``ifGenerationMatch=0`` (create-if-absent), which the work directory lock
-relies on; `_honour_create_if_absent` adds it.
+started from a test writes into the same bucket. Two things GCS does that the
+server lacks are added by `_patch_server`: ``ifGenerationMatch=0`` uploads
+(create-if-absent, which the work directory lock relies on) and the
+``x-goog-generation`` header of a download (tensorstore reads it).
 """
 
 import contextlib
 import http
+import logging
 import os
 import socket
 
 BUCKET = "langptune-test"
 
 
-def _honour_create_if_absent() -> None:
-  """Uploads with ifGenerationMatch=0 answer 412 when the object exists (as GCS does)."""
+def _replace_handler(old, new) -> None:
   from gcp_storage_emulator import server
   from gcp_storage_emulator.handlers import objects
-  insert = objects.insert
-  if getattr(insert, "create_if_absent", False):
+  setattr(objects, old.__name__, new)  # handlers that call it by name
+  for _, methods in server.HANDLERS:
+    for method, handler in list(methods.items()):
+      if handler is old:
+        methods[method] = new
+
+
+def _patch_server() -> None:
+  from gcp_storage_emulator.handlers import objects
+  if getattr(objects.insert, "patched", False):
     return
+  insert, download = objects.insert, objects.download
 
   def insert_if_absent(request, response, storage, *args, **kwargs):
     if request.query.get("ifGenerationMatch") == ["0"]:
@@ -36,12 +46,17 @@ def _honour_create_if_absent() -> None:
         return
     return insert(request, response, storage, *args, **kwargs)
 
-  insert_if_absent.create_if_absent = True
-  objects.insert = insert_if_absent
-  for _, methods in server.HANDLERS:
-    for method, handler in list(methods.items()):
-      if handler is insert:
-        methods[method] = insert_if_absent
+  def download_with_generation(request, response, storage, *args, **kwargs):
+    with contextlib.suppress(Exception):  # NotFound: the handler answers 404
+      obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+      response["x-goog-generation"] = str(obj["generation"])
+      response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
+    return download(request, response, storage, *args, **kwargs)
+
+  insert_if_absent.__name__, insert_if_absent.patched = "insert", True
+  download_with_generation.__name__ = "download"
+  _replace_handler(insert, insert_if_absent)
+  _replace_handler(download, download_with_generation)
 
 
 @contextlib.contextmanager
@@ -51,7 +66,8 @@ def emulated_bucket():
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
-  _honour_create_if_absent()
+  _patch_server()
+  logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # every 404 is an ERROR
   server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
   server.start()
   url = f"http://127.0.0.1:{port}"

@@ -24,6 +24,7 @@ from cpu_devices import xla_flags  # noqa: E402
 from langptune_jax import config as config_lib  # noqa: E402
 from langptune_jax import fs, observability, workdir_lock  # noqa: E402
 
+
 @pytest.fixture(scope="module")
 def bucket():
   with fake_gcs.emulated_bucket() as root:
