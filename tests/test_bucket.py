@@ -120,9 +120,10 @@ def test_evaluate_and_recommend_read_the_bucket(bucket_run, cwd):
   assert written["results"]["evaluate_checkpoint_iteration_1_test"] == pytest.approx(
       final["results"]["final"], abs=1e-6)
   out = io.StringIO()
-  assert recommend.recommend(cfg, workdir, user=0, output_format="json", out=out) == 0
+  profile = "Enjoys tense horror films and thrillers from the nineties."  # no generation
+  assert recommend.recommend(cfg, workdir, profile=profile, output_format="json", out=out) == 0
   answer = json.loads(out.getvalue())
-  assert answer["profile"] and len(answer["items"]) == int(cfg.serve.top_k)
+  assert answer["profile"] == profile and len(answer["items"]) == int(cfg.serve.top_k)
   assert (root / "catalogue_index" / "meta.json").exists()
   assert not (cwd / "gs:").exists()
 
