@@ -2,8 +2,8 @@
 
 `train` writes its dataset, checkpoints, metrics, TensorBoard events, records,
 report and lock into ``gs://bucket/run``, stops after one update, resumes from
-the bucket, and `evaluate` and `recommend` read the run back; no local
-``gs:`` folder appears.
+the bucket; `evaluate` and `recommend` read the run back and `export` writes
+into it; no local ``gs:`` folder appears.
 """
 
 import io
@@ -108,7 +108,7 @@ def test_train_writes_everything_to_the_bucket_and_resumes(bucket_run, cwd):
   assert not (cwd / "gs:").exists() and not list(cwd.glob("**/gs:"))
 
 
-def test_evaluate_and_recommend_read_the_bucket(bucket_run, cwd):
+def test_evaluate_recommend_and_export_use_the_bucket(bucket_run, cwd):
   from langptune_jax.serve import recommend
   from langptune_jax.train import commands
   cfg, workdir, _ = bucket_run
@@ -125,6 +125,11 @@ def test_evaluate_and_recommend_read_the_bucket(bucket_run, cwd):
   answer = json.loads(out.getvalue())
   assert answer["profile"] == profile and len(answer["items"]) == int(cfg.serve.top_k)
   assert (root / "catalogue_index" / "meta.json").exists()
+  with workdir_lock.hold(workdir, "export"):
+    assert commands.export(cfg, workdir, overwrite=False) == 0
+  for part in ("encoder", "decoder"):
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in (root / "export" / part).iterdir()}
   assert not (cwd / "gs:").exists()
 
 
@@ -137,3 +142,18 @@ def test_cli_names_the_bucket_workdir(bucket, cwd):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert f"workdir: {bucket}/cli\n" in proc.stdout
   assert not (cwd / "gs:").exists()
+
+
+def test_xla_trace_lands_in_the_bucket(bucket):
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  profile = ml_collections.ConfigDict({"enabled": True, "start_step": 0, "num_steps": 1})
+  x = jnp.ones((16, 16))
+  with observability.ProfileWindow(profile, f"{bucket}/traced/profile") as window:
+    for step in range(2):
+      window.step(step, sync=x)
+      x = jax.jit(jnp.tanh)(x)
+  files = window.trace_files()
+  assert len(files) == 1 and os.fspath(files[0]).startswith(f"{bucket}/traced/profile/plugins/")
+  assert len(files[0].read_bytes()) > 0
