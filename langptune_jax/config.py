@@ -114,13 +114,18 @@ def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, An
 
 
 def resolve_workdir(config: ml_collections.ConfigDict, workdir_flag: str | None = None,
-                    config_path: str | None = None, create: bool = True) -> pathlib.Path:
-  """The run directory: --workdir, else config.workdir, else ./runs/<config name>."""
+                    config_path: str | None = None, create: bool = True):
+  """The run directory: --workdir, else config.workdir, else ./runs/<config name>.
+
+  A local path comes back absolute (pathlib.Path); a ``gs://bucket/...`` address
+  stays one (an etils.epath.Path), see :mod:`langptune_jax.fs`.
+  """
+  from langptune_jax import fs
   workdir = workdir_flag or get_field(config, "workdir") or ""
   if not workdir:
     name = pathlib.Path(config_path.split(":")[0]).stem if config_path else "default"
     workdir = pathlib.Path("runs") / name
-  workdir = pathlib.Path(workdir).expanduser().resolve()
+  workdir = fs.path(workdir)
   if create:
     try:
       workdir.mkdir(parents=True, exist_ok=True)

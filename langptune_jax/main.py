@@ -230,7 +230,8 @@ def _prepare(command: Command):
   """Loads, validates and resolves what a command receives: (config, workdir)."""
   if not command.needs_config:
     workdir = _FLAGS["workdir"].value
-    return None, (pathlib.Path(workdir).expanduser().resolve() if workdir else None)
+    from langptune_jax import fs
+    return None, (fs.path(workdir) if workdir else None)
   config = _load_config()
   if config is None:
     _fail("--config=PATH is required (e.g. --config=configs/tiny.py)")

@@ -24,6 +24,8 @@ from typing import Any, Iterable, Iterator, Mapping, TextIO
 import numpy as np
 import tqdm
 
+from langptune_jax import fs
+
 JSONL_NAME = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 PROFILE_DIR = "profile"  # XLA traces: <workdir>/profile/plugins/profile/<run>/*.xplane.pb
@@ -65,25 +67,31 @@ class MetricsWriter:
 
   def __init__(self, workdir: str | os.PathLike, tensorboard: bool = True, jsonl: bool = True,
                enabled: bool | None = None):
-    self.workdir = pathlib.Path(workdir)
+    self.workdir = fs.as_path(workdir)
     self.enabled = _is_main_process() if enabled is None else enabled
     self._tb = None
     self._jsonl: TextIO | None = None
+    self._mirrors: list[fs.LocalMirror] = []
     if not self.enabled:
       return
     self.workdir.mkdir(parents=True, exist_ok=True)
+    # On a bucket both are written locally and copied up at every flush.
     if tensorboard:
       import tensorboardX  # deferred: protobuf import is slow and only the writer needs it
-      self._tb = tensorboardX.SummaryWriter(str(self.workdir / TENSORBOARD_DIR))
+      mirror = fs.LocalMirror(self.tensorboard_dir)
+      self._mirrors.append(mirror)
+      self._tb = tensorboardX.SummaryWriter(str(mirror.local))
     if jsonl:
-      self._jsonl = open(self.workdir / JSONL_NAME, "a", encoding="utf-8")
+      mirror = fs.LocalMirror(self.workdir, fetch=(JSONL_NAME,))  # the workdir itself if local
+      self._mirrors.append(mirror)
+      self._jsonl = open(mirror.local / JSONL_NAME, "a", encoding="utf-8")
 
   @property
-  def jsonl_path(self) -> pathlib.Path:
+  def jsonl_path(self):
     return self.workdir / JSONL_NAME
 
   @property
-  def tensorboard_dir(self) -> pathlib.Path:
+  def tensorboard_dir(self):
     return self.workdir / TENSORBOARD_DIR
 
   def write(self, step: int, metrics: Mapping[str, Any], prefix: str = "") -> None:
@@ -112,6 +120,8 @@ class MetricsWriter:
       self._jsonl.flush()
     if self._tb is not None:
       self._tb.flush()
+    for mirror in self._mirrors:
+      mirror.push()
 
   def write_text(self, step: int, tag: str, text: str) -> None:
     """Text such as sample profiles (TensorBoard text tab and JSONL)."""
@@ -124,6 +134,9 @@ class MetricsWriter:
     if self._jsonl is not None:
       self._jsonl.close()
       self._jsonl = None
+    for mirror in self._mirrors:
+      mirror.close()
+    self._mirrors = []
 
   def __enter__(self) -> "MetricsWriter":
     return self
@@ -134,12 +147,12 @@ class MetricsWriter:
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
   """Reads a metrics.jsonl file (or a workdir containing one)."""
-  path = pathlib.Path(path)
+  path = fs.as_path(path)
   if path.is_dir():
     path = path / JSONL_NAME
   if not path.is_file():
     raise FileNotFoundError(f"metrics file {path} not found")
-  with open(path, encoding="utf-8") as f:
+  with path.open("r", encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
 
 
@@ -277,9 +290,10 @@ class ProfileWindow:
     self.enabled = bool(profile_config.enabled)
     self.start_step = int(profile_config.start_step)
     self.num_steps = int(profile_config.num_steps)
-    self.logdir = pathlib.Path(logdir)
+    self.logdir = fs.as_path(logdir)
     self.active = False
     self.done = False
+    self._mirror: fs.LocalMirror | None = None  # the trace is written locally, then copied
 
   def step(self, step: int, sync: Any = None) -> None:
     if not self.enabled or self.done:
@@ -288,8 +302,9 @@ class ProfileWindow:
       self.stop(sync)
     elif not self.active and self.start_step <= step < self.start_step + self.num_steps:
       import jax
-      self.logdir.mkdir(parents=True, exist_ok=True)
-      jax.profiler.start_trace(str(self.logdir))
+      self._mirror = fs.LocalMirror(self.logdir)
+      self._mirror.local.mkdir(parents=True, exist_ok=True)
+      jax.profiler.start_trace(str(self._mirror.local))
       self.active = True
 
   def annotate(self, step: int, name: str = "train"):
@@ -306,10 +321,13 @@ class ProfileWindow:
     if sync is not None:
       jax.block_until_ready(sync)
     jax.profiler.stop_trace()
+    self._mirror.close()
     self.active = False
     self.done = True
 
   def trace_files(self) -> list[pathlib.Path]:
+    if fs.is_remote(self.logdir):  # a bucket lists no `**`
+      return sorted(self.logdir.glob("plugins/profile/*/*.xplane.pb"))
     return sorted(self.logdir.rglob("*.xplane.pb"))
 
   def close(self) -> None:

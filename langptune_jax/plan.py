@@ -27,10 +27,7 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import pathlib
 import sys
-import tempfile
 from typing import Any, Callable
 
 import jax
@@ -38,7 +35,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from langptune_jax import parallel
+from langptune_jax import fs, parallel
 from langptune_jax.models import presets, transformer
 from langptune_jax.plan_report import GiB, Plan, StepPlan  # noqa: F401  (GiB: public)
 
@@ -337,12 +334,8 @@ def plan_config(config, mesh=None, *, compile_steps: bool = True,
               models=models, resident=resident, steps=steps, notes=notes)
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-  with os.fdopen(fd, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+def _write_atomic(path, text: str) -> None:
+  fs.write_text(path, text)
 
 
 def run(config, workdir) -> int:
@@ -354,7 +347,7 @@ def run(config, workdir) -> int:
   text = plan.format()
   print(text)
   if workdir:
-    workdir = pathlib.Path(workdir)
+    workdir = fs.as_path(workdir)
     _write_atomic(workdir / "plan.txt", text + "\n")
     _write_atomic(workdir / "plan.json", json.dumps(plan.to_dict(), indent=2, default=str) + "\n")
   return 1 if any(s.error for s in plan.steps) else 0

@@ -44,6 +44,7 @@ import json
 import os
 import pathlib
 import shutil
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -170,10 +171,16 @@ def _item_rows(items: dict[str, Any], decoder_len: int, pad: int) -> dict[str, A
 def write(prepared: core.Prepared, dataset_dir: str | os.PathLike, *, history_len: int,
           prompt_len: int, decoder_len: int, encoder_pad: int, decoder_pad: int,
           extra_stats: dict[str, Any] | None = None) -> pathlib.Path:
-  """Writes the dataset atomically to `dataset_dir` (replacing an older one)."""
-  final = pathlib.Path(dataset_dir).expanduser().resolve()
-  final.parent.mkdir(parents=True, exist_ok=True)
-  tmp = fs.temp_dir(final.parent, prefix=f".{final.name}.tmp-")
+  """Writes the dataset atomically to `dataset_dir` (replacing an older one).
+
+  A bucket folder is built locally, then uploaded with stats.json last.
+  """
+  final = fs.path(dataset_dir)
+  remote = fs.is_remote(dataset_dir)
+  if not remote:
+    final.parent.mkdir(parents=True, exist_ok=True)
+  tmp = fs.temp_dir(tempfile.gettempdir() if remote else final.parent,
+                    prefix=f".{final.name}.tmp-")
   try:
     rows = {name: _user_rows(prepared.users[name], prompt_len, encoder_pad)
             for name in USER_SPLITS}
@@ -198,6 +205,10 @@ def write(prepared: core.Prepared, dataset_dir: str | os.PathLike, *, history_le
     # stats.json last: its presence marks a complete dataset.
     with open(tmp / STATS_FILE, "w") as f:
       json.dump(stats, f, indent=2, sort_keys=True)
+    if remote:
+      fs.rmtree(final)
+      fs.upload_tree(tmp, final, last=(STATS_FILE,))
+      return final
     old = None
     if final.exists():
       old = final.with_name(f".{final.name}.old-{os.getpid()}")
@@ -208,6 +219,9 @@ def write(prepared: core.Prepared, dataset_dir: str | os.PathLike, *, history_le
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+  finally:
+    if remote:
+      shutil.rmtree(tmp, ignore_errors=True)
   return final
 
 

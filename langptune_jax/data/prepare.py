@@ -13,7 +13,7 @@ import pathlib
 import time
 from typing import Any
 
-from langptune_jax import model_limits
+from langptune_jax import fs, model_limits
 from langptune_jax import settings as settings_lib
 from langptune_jax.data import amazon, builder, core, movielens
 from langptune_jax.weights import tokenizer as tok_lib
@@ -25,10 +25,11 @@ def dataset_dir(config: Any, workdir: str | os.PathLike | None) -> pathlib.Path:
   """`data.dataset_dir`, else <workdir>/dataset (`config`: Settings or a config)."""
   d = config.data.dataset_dir
   if d:
-    return pathlib.Path(d).expanduser()
+    return fs.path(d) if fs.is_remote(d) else pathlib.Path(d).expanduser()
   if not workdir:
     raise ValueError("data.dataset_dir is empty and no workdir was given")
-  return pathlib.Path(workdir).expanduser() / "dataset"
+  return (fs.path(workdir) if fs.is_remote(workdir) else pathlib.Path(workdir).expanduser()
+          ) / "dataset"
 
 
 def _tokenizer(settings: settings_lib.Settings, section: str):

@@ -10,14 +10,15 @@ stale vectors.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import pathlib
 from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
+from langptune_jax import fs
 from langptune_jax.rec import retrieval
 
 INDEX_DIR = "catalogue_index"
@@ -47,7 +48,7 @@ def load(folder: pathlib.Path, expected: str) -> np.ndarray | None:
     meta = json.loads((folder / _META).read_text())
     if meta.get("fingerprint") != expected:
       return None
-    return np.load(folder / _EMBEDDINGS)
+    return np.load(io.BytesIO((folder / _EMBEDDINGS).read_bytes()))
   except (OSError, ValueError):
     return None
 
@@ -55,13 +56,14 @@ def load(folder: pathlib.Path, expected: str) -> np.ndarray | None:
 def save(folder: pathlib.Path, embeddings: np.ndarray, digest: str) -> None:
   """Writes the embeddings, then the fingerprint (last, so a torn write never matches)."""
   folder.mkdir(parents=True, exist_ok=True)
-  (folder / _META).unlink(missing_ok=True)
-  np.save(folder / f".{_EMBEDDINGS}", embeddings, allow_pickle=False)
-  os.replace(folder / f".{_EMBEDDINGS}", folder / _EMBEDDINGS)
-  tmp = folder / f".{_META}"
-  tmp.write_text(json.dumps({"fingerprint": digest, "num_items": int(embeddings.shape[0]),
-                             "dim": int(embeddings.shape[1])}))
-  os.replace(tmp, folder / _META)
+  if (folder / _META).exists():
+    (folder / _META).unlink()
+  buffer = io.BytesIO()
+  np.save(buffer, embeddings, allow_pickle=False)
+  fs.write_bytes(folder / _EMBEDDINGS, buffer.getvalue())
+  fs.write_text(folder / _META, json.dumps({"fingerprint": digest,
+                                            "num_items": int(embeddings.shape[0]),
+                                            "dim": int(embeddings.shape[1])}))
 
 
 def load_or_build(folder: pathlib.Path, digest: str, embed_fn: Callable, item_tokens: np.ndarray,

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from langptune_jax import sampling
+from langptune_jax import fs, sampling
 from langptune_jax.serve.ranker import on_one_device
 from langptune_jax.weights import tokenizer as tok_lib
 
@@ -179,10 +179,8 @@ def run(config, workdir) -> int:
   from langptune_jax.serve.load import open_session
   session = open_session(config, workdir, warm_up=False)
   result = judge_run(config, session, make_judge(config))
-  path = os.path.join(str(workdir), "judge.json")
-  with open(path + ".tmp", "w") as f:
-    json.dump(result, f, indent=2)
-  os.replace(path + ".tmp", path)
+  path = fs.join(str(workdir), "judge.json")
+  fs.write_text(path, json.dumps(result, indent=2))
   print(format_table(result))
   print(f"\nwritten: {path}")
   return 0

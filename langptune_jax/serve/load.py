@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pathlib
 
-from langptune_jax import parallel
+from langptune_jax import fs, parallel
 from langptune_jax.models import embedder as embedder_lib
 from langptune_jax.serve.session import Session
 from langptune_jax.train import profiles as profiles_lib
@@ -22,8 +22,12 @@ CHECKPOINTS = "checkpoints"
 
 
 def has_checkpoint(workdir) -> bool:
-  folder = pathlib.Path(workdir) / CHECKPOINTS
+  folder = _workdir(workdir) / CHECKPOINTS
   return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
+def _workdir(workdir):
+  return fs.as_path(workdir)
 
 
 def open_session(config, workdir, *, warm_up: bool = True) -> Session:
@@ -37,18 +41,18 @@ def open_session(config, workdir, *, warm_up: bool = True) -> Session:
 def _from_checkpoint(config, workdir, warm_up: bool) -> Session:
   from langptune_jax.train import commands  # heavy: the whole training stack
   if not has_checkpoint(workdir):
-    raise FileNotFoundError(f"no checkpoint in {pathlib.Path(workdir) / CHECKPOINTS}: train "
+    raise FileNotFoundError(f"no checkpoint in {_workdir(workdir) / CHECKPOINTS}: train "
                             "first, or point serve.export_dir at an exported run")
   trainer = commands.build_trainer(config, str(workdir))
   try:
     zero_shot = trainer.encoder_state.model  # holds the weights from before the restore
     if not trainer.restore():
-      raise FileNotFoundError(f"no checkpoint in {pathlib.Path(workdir) / CHECKPOINTS}")
+      raise FileNotFoundError(f"no checkpoint in {_workdir(workdir) / CHECKPOINTS}")
     return Session(config, writer=trainer.encoder_state.model, zero_shot_writer=zero_shot,
                    ranker=trainer.decoder_state.model,
                    writer_tokenizer=trainer.encoder_tokenizer,
                    ranker_tokenizer=trainer.decoder_tokenizer, data=trainer.data,
-                   index_dir=pathlib.Path(workdir), sampling=trainer.sampling,
+                   index_dir=_workdir(workdir), sampling=trainer.sampling,
                    warm_up=warm_up)
   finally:
     trainer.close()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from typing import Any, Callable
@@ -176,7 +175,7 @@ class Checkpointer:
       while target.exists():
         n += 1
         target = aside / f"{step}-{time.strftime('%Y%m%dT%H%M%S')}-{n}"
-      os.replace(str(self.directory / str(step)), str(target))
+      (self.directory / str(step)).rename(target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"checkpoint_moved_aside_{step}")

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pathlib
 import shutil
 
 import numpy as np
 
-from langptune_jax import distributed, model_limits, parallel
+from langptune_jax import distributed, fs, model_limits, parallel
 from langptune_jax import settings as settings_lib
 from langptune_jax.data import builder as data_builder
 from langptune_jax.data import loader as data_loader
@@ -56,6 +55,7 @@ def load_run_data(config, workdir) -> RunData:
       print(f"no prepared dataset at {folder}: preparing it now")
       data_prepare.run(settings, workdir)
     distributed.sync("dataset_prepared")
+  folder = fs.local_copy(folder, data_builder.STATS_FILE)  # array_record reads local files
   recorded = data_loader.load_stats(folder).get("settings", {})
   built = dict(recorded.get("data", {}), **{
       "encoder.path": recorded.get("encoder_path"), "decoder.path": recorded.get("decoder_path")})
@@ -104,7 +104,7 @@ def _print_report(trainer: Trainer) -> None:
   table = report.write_report(str(trainer.workdir), trainer.history, trainer.curves,
                               settings.eval.ks, settings.logging.num_sample_profiles)
   print(table)
-  print(f"\nresults: {os.path.join(trainer.workdir, 'results.md')} "
+  print(f"\nresults: {fs.join(trainer.workdir, 'results.md')} "
         f"(plots: curves.png, metrics.png; profiles/: per-user profiles and ranks)")
 
 
@@ -143,12 +143,10 @@ def evaluate(config, workdir) -> int:
     trainer.evaluate(f"evaluate_{tag}_{split}", split=split,
                      baselines=not trainer.evaluator.reference_ranks.get(split))
     entry = trainer.history[-1]
-    path = os.path.join(workdir, f"evaluate_{tag}_{split}.json")
+    path = fs.join(workdir, f"evaluate_{tag}_{split}.json")
     if not distributed.is_coordinator():
       return 0
-    with open(path + ".tmp", "w") as f:
-      json.dump(entry, f, indent=2)
-    os.replace(path + ".tmp", path)
+    fs.write_text(path, json.dumps(entry, indent=2))
     print(report.results_table(report.method_rows([entry]), settings.eval.ks,
                                report.entry_intervals(entry)))
     print(f"\nwritten: {path}")
@@ -164,10 +162,11 @@ def export(config, workdir, overwrite: bool | None = None) -> int:
   the end; a non-empty ``export`` is replaced only with ``overwrite`` (--overwrite).
   """
   overwrite = _overwrite_flag() if overwrite is None else bool(overwrite)
-  checkpoints = pathlib.Path(workdir) / "checkpoints"
+  root = fs.as_path(workdir)
+  checkpoints = root / "checkpoints"
   if not ckpt_lib.has_checkpoint(checkpoints):  # before anything is built in the workdir
     raise FileNotFoundError(f"no checkpoint in {checkpoints}: train first")
-  out = pathlib.Path(workdir) / "export"
+  out = root / "export"
   export_lib.check_target(out, overwrite)
   trainer = build_trainer(config, workdir)
   try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Callable
 
 import jax
@@ -19,7 +18,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from langptune_jax import distributed, observability, parallel
+from langptune_jax import distributed, fs, observability, parallel
 from langptune_jax.data import prompts as prompts_lib
 from langptune_jax.rec import metrics as metrics_lib
 from langptune_jax.rec import retrieval
@@ -211,19 +210,16 @@ class Evaluator:
     """One JSON line per user: prompt, profile, target and its rank (written by the coordinator)."""
     if not distributed.is_coordinator():
       return
-    path = os.path.join(self.workdir, "profiles", f"{tag}.jsonl")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
+    lines = []
     item_text = self.data.item_text
-    with open(tmp, "w", encoding="utf-8") as f:
-      for i in range(len(users)):
-        target = int(users.target[i])
-        f.write(json.dumps({
-            "user": int(users.user[i]),
-            "prompt": users.prompt_text[i] if users.prompt_text else None,
-            "profile": profiles.texts[i],
-            "target": target,
-            "target_text": item_text[target] if item_text else None,
-            "rank": int(ranks[i]),
-        }, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    for i in range(len(users)):
+      target = int(users.target[i])
+      lines.append(json.dumps({
+          "user": int(users.user[i]),
+          "prompt": users.prompt_text[i] if users.prompt_text else None,
+          "profile": profiles.texts[i],
+          "target": target,
+          "target_text": item_text[target] if item_text else None,
+          "rank": int(ranks[i]),
+      }, ensure_ascii=False) + "\n")
+    fs.write_text(fs.join(self.workdir, "profiles", f"{tag}.jsonl"), "".join(lines))

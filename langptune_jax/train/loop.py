@@ -23,14 +23,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-import os
 
 import jax
 import numpy as np
 from absl import logging
 from flax import nnx
 
-from langptune_jax import distributed, observability, parallel, preemption
+from langptune_jax import distributed, fs, observability, parallel, preemption
 from langptune_jax import flops as flops_lib
 from langptune_jax.models import embedder as embedder_lib
 from langptune_jax.rec import retrieval
@@ -90,7 +89,7 @@ class Trainer:
     self.mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
     self.rules = parallel.rules_from_config(config.mesh.rules)
     self.seed = int(config.seed)
-    os.makedirs(workdir, exist_ok=True)
+    fs.makedirs(workdir)
 
     self.setup = setup_lib.build(config, encoder, decoder,
                                  eos_ids=profiles_lib.eos_ids(encoder_tokenizer, encoder),
@@ -113,7 +112,7 @@ class Trainer:
     self.rlso_pass = self.rl_timer.wrap(self.steps.rlso_pass)
     self.cl_step = self.cl_timer.wrap(self.steps.cl_step)
     self.profile_window = observability.ProfileWindow(config.profile,
-                                                      os.path.join(workdir, "profile"))
+                                                      fs.join(workdir, "profile"))
     self.evaluator = evaluation.Evaluator(
         config, data, workdir, embed_texts=self.embed_texts, write_profiles=self.write_profiles,
         decoder_state=lambda: self.decoder_state, decoder_tokenizer=decoder_tokenizer,
@@ -131,7 +130,7 @@ class Trainer:
     self._steps_this_run = 0  # updates since this process started (train.stop_after_steps)
     self.preemption = preemption.Watch()
     self.preempted = False  # stopped by a SIGTERM (checkpointed at a step boundary)
-    self.checkpointer = (ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+    self.checkpointer = (ckpt_lib.Checkpointer(fs.join(workdir, "checkpoints"),
                                                max_to_keep=int(config.checkpoint.max_to_keep))
                          if config.checkpoint.enabled else None)
     self.fingerprint = ckpt_lib.config_fingerprint(config)

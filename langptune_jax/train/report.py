@@ -11,11 +11,13 @@ a truncated report behind.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 from typing import Sequence
 
 import matplotlib
+
+from langptune_jax import fs
 
 matplotlib.use("Agg")  # headless: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
@@ -28,10 +30,14 @@ _BASELINES = (("random", "random"), ("popularity", "popularity"), ("sasrec", "SA
 
 
 def _atomic_write(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  fs.write_text(path, text)
+
+
+def _save_figure(fig, path: str) -> None:
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=100)
+  plt.close(fig)
+  fs.write_bytes(path, buffer.getvalue())
 
 
 def _label(tag: str) -> str:
@@ -131,10 +137,7 @@ def plot_curves(curves: Sequence[dict], path: str) -> None:
     ax.set_xlabel("global step")
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=100)
-  plt.close(fig)
-  os.replace(tmp, path)
+  _save_figure(fig, path)
 
 
 def plot_metrics(rows: dict[str, dict[str, float]], path: str, k: int = 10,
@@ -159,17 +162,14 @@ def plot_metrics(rows: dict[str, dict[str, float]], path: str, k: int = 10,
   ax.set_title(f"Held-out ranking quality (@{k})" + (", 95% bootstrap intervals" if intervals
                                                        else ""))
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=100)
-  plt.close(fig)
-  os.replace(tmp, path)
+  _save_figure(fig, path)
 
 
 def sample_profiles(workdir: str, tag: str, n: int) -> list[dict]:
-  path = os.path.join(workdir, "profiles", f"{tag}.jsonl")
-  if not os.path.exists(path) or n <= 0:
+  path = fs.path(workdir) / "profiles" / f"{tag}.jsonl"
+  if n <= 0 or not path.exists():
     return []
-  with open(path, encoding="utf-8") as f:
+  with path.open("r", encoding="utf-8") as f:
     return [json.loads(line) for _, line in zip(range(n), f)]
 
 
@@ -189,9 +189,9 @@ def write_report(workdir: str, history: Sequence[dict], curves: Sequence[dict],
              "users": entry.get("users") if entry else None,
              "bootstrap": entry.get("bootstrap", {}) if entry else {},
              "evaluations": list(history)}
-  _atomic_write(os.path.join(workdir, "results.json"), json.dumps(summary, indent=2))
-  plot_curves(curves, os.path.join(workdir, "curves.png"))
-  plot_metrics(rows, os.path.join(workdir, "metrics.png"), k=10 if 10 in ks else ks[0],
+  _atomic_write(fs.join(workdir, "results.json"), json.dumps(summary, indent=2))
+  plot_curves(curves, fs.join(workdir, "curves.png"))
+  plot_metrics(rows, fs.join(workdir, "metrics.png"), k=10 if 10 in ks else ks[0],
                intervals=intervals)
   where = ""
   if entry and entry.get("split"):
@@ -213,5 +213,5 @@ def write_report(workdir: str, history: Sequence[dict], curves: Sequence[dict],
       for s in samples:
         parts += [f"**user {s['user']}** - target rank {s['rank']}", "",
                   "> " + s["profile"].replace("\n", "\n> "), ""]
-  _atomic_write(os.path.join(workdir, "results.md"), "\n".join(parts))
+  _atomic_write(fs.join(workdir, "results.md"), "\n".join(parts))
   return table

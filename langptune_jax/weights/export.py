@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import struct
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +143,7 @@ def export_decoder(model: Decoder, out_dir: str | os.PathLike, *, dtype="float32
 
 def check_target(out_dir: str | os.PathLike, overwrite: bool) -> None:
   """Refuses to replace a non-empty folder (it may hold the user's own files)."""
-  out_dir = Path(out_dir)
+  out_dir = fs.as_path(out_dir)
   if out_dir.exists() and not out_dir.is_dir():
     raise ValueError(f"export target {out_dir} exists and is not a folder")
   if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
@@ -157,19 +158,29 @@ def staged_dir(out_dir: str | os.PathLike, *, overwrite: bool = False):
   An export interrupted at any point (kill -9 included) leaves `out_dir` as it
   was and, at worst, a hidden ``.<name>.tmp-*`` folder next to it; never a
   folder that looks complete but lacks a file. Process 0 moves the result into
-  place; other processes' folders are discarded.
+  place; other processes' folders are discarded. A bucket target is staged in
+  the local temp directory and uploaded with config.json files last (a bucket
+  has no rename: an interrupted upload leaves a folder without them).
   """
-  out_dir = Path(out_dir).expanduser()
+  remote = fs.is_remote(out_dir)
+  out_dir = fs.path(out_dir) if remote else Path(out_dir).expanduser()
   check_target(out_dir, overwrite)
-  out_dir.parent.mkdir(parents=True, exist_ok=True)
-  tmp = fs.temp_dir(out_dir.parent, prefix=f".{out_dir.name}.tmp-")
+  if not remote:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = fs.temp_dir(tempfile.gettempdir() if remote else out_dir.parent,
+                    prefix=f".{out_dir.name}.tmp-")
   try:
     yield tmp
     if not distributed.is_coordinator():
       shutil.rmtree(tmp, ignore_errors=True)
       return
     check_target(out_dir, overwrite)  # it may have filled up while we wrote
-    if out_dir.exists():
+    if remote:
+      fs.rmtree(out_dir)
+      last = tuple(f.relative_to(tmp).as_posix() for f in tmp.rglob(hf_weights.CONFIG_FILE))
+      fs.upload_tree(tmp, out_dir, last=last)
+      shutil.rmtree(tmp, ignore_errors=True)
+    elif out_dir.exists():
       old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
       os.replace(out_dir, old)
       os.replace(tmp, out_dir)
