@@ -22,6 +22,7 @@ from langptune_jax.data import prepare as data_prepare
 from langptune_jax.models import bert as bert_lib
 from langptune_jax.models import embedder as embedder_lib
 from langptune_jax.observability import MetricsWriter
+from langptune_jax.serve import index as index_lib
 from langptune_jax.train import checkpoint as ckpt_lib
 from langptune_jax.train import report
 from langptune_jax.train.loop import Trainer
@@ -110,6 +111,7 @@ def train(config, workdir) -> int:
     trainer.run()
     if trainer.finished:
       _print_report(trainer)
+      index_lib.index_trained_run(trainer)  # what recommend and serve rank with
     else:
       print(f"stopped at {trainer.position} (train.stop_after_steps); run again to resume")
   finally:
