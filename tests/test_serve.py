@@ -1,6 +1,7 @@
 """The web API over a trained run: each request, each error, compiles and parallel requests."""
 
 import concurrent.futures
+import json
 
 import httpx
 import jax
@@ -56,6 +57,32 @@ def test_profile_for_a_user_ranks_without_the_history(client, served_session):
   assert again["profile"] == out["profile"]  # same seed, same profile
 
 
+def _stream(client, body):
+  with client.stream("POST", "/api/profile/stream", json=body) as response:
+    assert response.status_code == 200, response.read()
+    assert response.headers["content-type"].startswith("application/x-ndjson")
+    return [json.loads(line) for line in response.iter_lines() if line.strip()]
+
+
+@pytest.mark.parametrize("temperature,seed", [(1.0, 5), (0.0, 0)])
+def test_streamed_profile_grows_and_ends_as_the_written_one(client, served_session, temperature,
+                                                            seed):
+  body = {"user": served_session.user_ids()[4], "temperature": temperature, "seed": seed}
+  lines = _stream(client, body)
+  done = lines[-1]
+  assert done.get("done") is True and not any("done" in m for m in lines[:-1])
+  pieces = {field: [m[field] for m in lines[:-1] if field in m]
+            for field in ("profile", "zero_shot_profile")}
+  assert all(len(m) == 1 for m in lines[:-1])  # one growing text a line
+  written = _ok(client.post("/api/profile", json=body))
+  for field in ("profile", "zero_shot_profile"):
+    assert pieces[field] and pieces[field][-1] == done[field] == written[field]
+  assert done["items"] == written["items"]
+  assert done["zero_shot_items"] == written["zero_shot_items"]
+  if temperature > 0:  # 4 tokens a piece: the sampled 8-token profile arrives in two
+    assert len(pieces["profile"]) == 2 and pieces["profile"][0] != done["profile"]
+
+
 def test_edited_profile_reranks_with_moves(client, served_session):
   plain = _ok(client.post("/api/rank", json={"profile": "movies"}))["items"]
   scores = [r["score"] for r in plain]
@@ -103,6 +130,10 @@ def test_profile_and_user_errors(client):
       ("/api/profile", {"history": [" ", ""]}, 400, "history is empty"),
       ("/api/profile", {}, 400, "give exactly one of user, history"),
       ("/api/profile", {"user": 1, "temperature": -1}, 400, "temperature=-1.0"),
+      ("/api/profile/stream", {"user": 99999}, 404, "unknown user id 99999"),
+      ("/api/profile/stream", {"history": ["Nope (1111)"]}, 404, "history line 1: unknown item"),
+      ("/api/profile/stream", {"user": 1, "temperature": -1}, 400, "temperature=-1.0"),
+      ("/api/profile/stream", {"user": "x"}, 422, "user"),
   ]:
     response = client.post(path, json=body)
     assert response.status_code == status and message in response.json()["error"], response.text
@@ -129,6 +160,7 @@ def test_requests_do_not_compile(client, served_session):
     for i, profile in enumerate(["a", HORROR, "short comedy", "war " * 20]):
       _ok(client.post("/api/rank", json={"profile": profile, "user": user}))
       _ok(client.post("/api/profile", json={"user": user, "seed": i, "temperature": 0.5 + i}))
+      assert _stream(client, {"user": user, "seed": i, "temperature": i})[-1]["done"]
     _ok(client.post("/api/profile", json={"history": ["0", "5", "7"], "temperature": 0}))
   finally:
     jax.monitoring.unregister_event_duration_listener(on_event)
