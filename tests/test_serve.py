@@ -146,6 +146,18 @@ def test_workdir_without_checkpoint_is_one_clear_error(served_run, tmp_path):
     open_session(cfg, tmp_path)
 
 
+def test_zero_shot_writer_is_the_base_model(served_session):
+  from flax import nnx
+
+  def lora_b(model):
+    return {path: np.asarray(v.get_value()) for path, v in
+            nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)) if path[-1] == "lora_b"}
+  trained, base = lora_b(served_session.writer), lora_b(served_session.zero_shot_writer)
+  assert trained.keys() == base.keys() and trained
+  assert all(not b.any() for b in base.values())  # adapters start at zero
+  assert any(t.any() for t in trained.values())  # and training moved them
+
+
 def test_requests_do_not_compile(client, served_session):
   user = served_session.user_ids()[1]
   traces = []
@@ -172,14 +184,25 @@ def test_twenty_parallel_reranks_all_correct(served_session):
   profiles = [f"{genre} movies, {n}" for n in range(4)
               for genre in ("horror", "comedy", "western", "romance", "children's animation")]
   expected = [[r["item"] for r in served_session.rank(p)] for p in profiles]
+  user = served_session.user_ids()[5]
+  written = served_session.write_profile(served_session.dataset_prompt(user), seed=2,
+                                         temperature=1.0)
   with live_server(served_session) as url:
     def ask(profile):
       response = httpx.post(f"{url}/api/rank", json={"profile": profile}, timeout=120)
       response.raise_for_status()
       return [r["item"] for r in response.json()["items"]]
-    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+
+    def stream():  # a profile streaming meanwhile
+      body = {"user": user, "seed": 2, "temperature": 1.0, "zero_shot": False}
+      with httpx.stream("POST", f"{url}/api/profile/stream", json=body, timeout=120) as response:
+        return [json.loads(line) for line in response.iter_lines() if line.strip()][-1]
+
+    with concurrent.futures.ThreadPoolExecutor(21) as pool:
+      streamed = pool.submit(stream)
       answers = list(pool.map(ask, profiles))
   assert answers == expected
+  assert streamed.result()["done"] and streamed.result()["profile"] == written
 
 
 def test_short_profiles_embed_as_in_the_full_window(served_session):
