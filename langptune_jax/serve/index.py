@@ -86,6 +86,8 @@ def index_trained_run(trainer) -> pathlib.Path | None:
   device, the same fingerprint), so a session on the last checkpoint reuses it.
   """
   from langptune_jax.serve.ranker import Ranker
+  if trainer.checkpointer is None:
+    return None  # nothing to serve: recommend and serve read a checkpoint
   graphdef, state = nnx.split(trainer.decoder_state.model)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
