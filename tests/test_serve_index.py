@@ -54,6 +54,14 @@ def test_a_torn_index_is_rebuilt(tmp_path):
   assert rebuilt and meta["num_items"] == 2
 
 
+def test_runs_without_checkpoints_get_no_index(tmp_path):
+  class Run:  # what index_trained_run reads first
+    checkpointer = None
+    workdir = str(tmp_path)
+  assert index_lib.index_trained_run(Run()) is None
+  assert not (tmp_path / index_lib.INDEX_DIR).exists()
+
+
 def test_train_leaves_the_index_that_recommend_reuses(served_run, served_session, monkeypatch):
   import io
 
