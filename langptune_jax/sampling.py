@@ -4,6 +4,8 @@
 a jitted ``lax.while_loop`` decode over a fixed-size KV cache that is donated
 from one call to the next. Shapes are bucketed (prompt length and number of new
 tokens are rounded up) so that calls with similar shapes reuse compiled code.
+:func:`sample_stream` runs the same decode loop a few tokens at a time, for
+showing a response while it is written.
 
 :func:`token_logprobs` and :func:`sequence_logprobs` score given sequences with
 one full forward; the log-softmax over the vocabulary is computed chunk by chunk
@@ -18,12 +20,14 @@ attention mask and cache; ``logits_from_hidden``; ``init_cache``).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from langptune_jax import parallel
@@ -143,7 +147,19 @@ def _inference_model(graphdef, state):
   return model
 
 
-# --- the two jitted stages ---------------------------------------------------
+# --- the jitted stages ---------------------------------------------------------
+
+def _decode_step(model, select, rng, start, lengths, step, cache, logits, slots):
+  """One token: select it from `logits`, feed it back; (token, log-prob, cache, logits, slots)."""
+  token, logprob = select(logits, rng, step)
+  # The token occupies slot start + step and may see itself.
+  slots = jax.lax.dynamic_update_slice(slots, jnp.ones((token.shape[0], 1), bool),
+                                       (0, start + step))
+  positions = (lengths + step)[:, None]
+  hidden, cache = model(token[:, None], positions, slots[:, None, :], cache, return_hidden=True)
+  logits = model.logits_from_hidden(hidden).astype(jnp.float32)[:, 0]
+  return token, logprob, _constrain_cache(cache), _constrain_batch(logits), slots
+
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_size", "cache_dtype", "mesh_key"))
 def _prefill(graphdef, state, tokens, mask, *, cache_size, cache_dtype, mesh_key):
@@ -196,22 +212,50 @@ def _decode(graphdef, state, cache, logits, slots, lengths, rng, num_steps, temp
 
   def body(carry):
     step, cache, logits, slots, out, done, out_lp = carry
-    token, logprob = select(logits, rng, step)
+    token, logprob, cache, logits, slots = _decode_step(model, select, rng, start, lengths, step,
+                                                        cache, logits, slots)
     out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
     out_lp = jax.lax.dynamic_update_slice(out_lp, logprob[:, None], (0, step))
     done = done | jnp.any(token[:, None] == eos_ids[None], axis=-1)
-    # Feed the token back: it occupies slot start + step and may see itself.
-    slot = start + step
-    slots = jax.lax.dynamic_update_slice(slots, jnp.ones((batch, 1), bool), (0, slot))
-    positions = (lengths + step)[:, None]
-    hidden, cache = model(token[:, None], positions, slots[:, None, :], cache, return_hidden=True)
-    logits = model.logits_from_hidden(hidden).astype(jnp.float32)[:, 0]
-    return (step + 1, _constrain_cache(cache), _constrain_batch(logits), slots, out, done,
-            out_lp)
+    return step + 1, cache, logits, slots, out, done, out_lp
 
   carry = (jnp.zeros((), jnp.int32), cache, logits, slots, out_tokens, done, out_logprobs)
   _, cache, _, _, out_tokens, _, out_logprobs = jax.lax.while_loop(cond, body, carry)
   return out_tokens, out_logprobs, cache
+
+
+@functools.partial(
+    jax.jit, donate_argnames=("cache",),
+    static_argnames=("graphdef", "chunk", "greedy", "top_k", "use_top_p", "mesh_key"))
+def _decode_chunk(graphdef, state, cache, logits, slots, lengths, rng, first_step, num_steps,
+                  temperature, top_p, min_new_tokens, pad_id, eos_ids, *, chunk, greedy, top_k,
+                  use_top_p, mesh_key):
+  """Steps first_step .. first_step + chunk - 1 (none from `num_steps` on) of :func:`_decode`.
+
+  Returns (tokens [B, chunk], cache, logits, slots): the loop's state, to go on from.
+  """
+  del mesh_key
+  TRACE_COUNTS["decode_chunk"] += 1
+  model = _inference_model(graphdef, state)
+  start = cache["end_index"] - first_step  # the (bucketed) prompt length
+  out = _constrain_batch(jnp.full((logits.shape[0], chunk), pad_id, jnp.int32))
+  select = functools.partial(
+      _select, temperature=temperature, min_new_tokens=min_new_tokens, eos_ids=eos_ids,
+      greedy=greedy, top_k=top_k, use_top_p=use_top_p, top_p=top_p)
+
+  def cond(carry):
+    return (carry[0] < chunk) & (first_step + carry[0] < num_steps)
+
+  def body(carry):
+    i, cache, logits, slots, out = carry
+    token, _, cache, logits, slots = _decode_step(model, select, rng, start, lengths,
+                                                  first_step + i, cache, logits, slots)
+    out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
+    return i + 1, cache, logits, slots, out
+
+  carry = (jnp.zeros((), jnp.int32), cache, logits, slots, out)
+  _, cache, logits, slots, out = jax.lax.while_loop(cond, body, carry)
+  return out, cache, logits, slots
 
 
 @jax.jit
@@ -231,36 +275,27 @@ def _mesh_key():
   return None if ctx is None else (ctx[0], ctx[1])
 
 
-def sample(model: nnx.Module, prompt_tokens, prompt_mask, *, rng: jax.Array, max_new_tokens: int,
-           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-           min_new_tokens: int = 0, eos_ids: Sequence[int] = (), pad_id: int = 0,
-           stop_at_eos: bool = False, greedy: bool = False,
-           cache_size: int | None = None, cache_dtype: Any = None) -> SampleOutput:
-  """Generates up to `max_new_tokens` tokens after each left-padded prompt.
+@dataclasses.dataclass(frozen=True)
+class _Started:
+  """A prompt batch after the prefill: what the decode loop (whole or in pieces) starts from."""
+  graphdef: Any
+  state: Any
+  mesh_key: Any
+  eos: jax.Array
+  top_k: int
+  cache: Any
+  logits: jax.Array
+  slots: jax.Array
+  lengths: jax.Array
+  prompt_tokens: jax.Array
+  prompt_mask: jax.Array
+  batch: int
+  n_b: int
 
-  Args:
-    model: a decoder following the contract (tokens, positions, mask, cache).
-    prompt_tokens: int32 [B, P], LEFT-padded.
-    prompt_mask: bool [B, P], True on real prompt tokens.
-    rng: a PRNG key (unused when greedy).
-    max_new_tokens: number of tokens to generate (exactly this many unless
-      `stop_at_eos` ends the loop early; the output is always [B, max_new_tokens]).
-    temperature: logits are divided by it before sampling and log-softmax.
-    top_k: keep only the k most likely tokens (0: off).
-    top_p: nucleus sampling threshold (1.0: off).
-    min_new_tokens: EOS cannot be sampled before this many tokens.
-    eos_ids: token ids that end a response.
-    pad_id: written after the first EOS.
-    stop_at_eos: stop once every row has produced an EOS (otherwise always
-      generate `max_new_tokens`, as the paper does, and pad afterwards).
-    greedy: argmax decoding instead of sampling (log-probs still use
-      `temperature`, or 1.0 if it is not positive).
-    cache_size: KV cache length (default: bucketed prompt + bucketed new tokens).
-    cache_dtype: KV cache dtype (default: the model's).
 
-  Returns:
-    A :class:`SampleOutput`.
-  """
+def _start(model, prompt_tokens, prompt_mask, *, max_new_tokens, temperature, top_k, top_p,
+           eos_ids, pad_id, greedy, cache_size, cache_dtype) -> _Started:
+  """Checks the arguments, pads the prompts to their buckets and runs the prefill."""
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
   if not greedy and temperature <= 0:
@@ -302,19 +337,93 @@ def sample(model: nnx.Module, prompt_tokens, prompt_mask, *, rng: jax.Array, max
   mesh_key = _mesh_key()
   cache, logits, slots, lengths = _prefill(graphdef, state, tokens, mask, cache_size=size,
                                            cache_dtype=cache_dtype, mesh_key=mesh_key)
+  return _Started(graphdef, state, mesh_key, eos, top_k, cache, logits, slots, lengths,
+                  prompt_tokens, prompt_mask, batch, n_b)
+
+
+def sample(model: nnx.Module, prompt_tokens, prompt_mask, *, rng: jax.Array, max_new_tokens: int,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           min_new_tokens: int = 0, eos_ids: Sequence[int] = (), pad_id: int = 0,
+           stop_at_eos: bool = False, greedy: bool = False,
+           cache_size: int | None = None, cache_dtype: Any = None) -> SampleOutput:
+  """Generates up to `max_new_tokens` tokens after each left-padded prompt.
+
+  Args:
+    model: a decoder following the contract (tokens, positions, mask, cache).
+    prompt_tokens: int32 [B, P], LEFT-padded.
+    prompt_mask: bool [B, P], True on real prompt tokens.
+    rng: a PRNG key (unused when greedy).
+    max_new_tokens: number of tokens to generate (exactly this many unless
+      `stop_at_eos` ends the loop early; the output is always [B, max_new_tokens]).
+    temperature: logits are divided by it before sampling and log-softmax.
+    top_k: keep only the k most likely tokens (0: off).
+    top_p: nucleus sampling threshold (1.0: off).
+    min_new_tokens: EOS cannot be sampled before this many tokens.
+    eos_ids: token ids that end a response.
+    pad_id: written after the first EOS.
+    stop_at_eos: stop once every row has produced an EOS (otherwise always
+      generate `max_new_tokens`, as the paper does, and pad afterwards).
+    greedy: argmax decoding instead of sampling (log-probs still use
+      `temperature`, or 1.0 if it is not positive).
+    cache_size: KV cache length (default: bucketed prompt + bucketed new tokens).
+    cache_dtype: KV cache dtype (default: the model's).
+
+  Returns:
+    A :class:`SampleOutput`.
+  """
+  s = _start(model, prompt_tokens, prompt_mask, max_new_tokens=max_new_tokens,
+             temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=eos_ids, pad_id=pad_id,
+             greedy=greedy, cache_size=cache_size, cache_dtype=cache_dtype)
   out, logprobs, _ = _decode(
-      graphdef, state, cache, logits, slots, lengths, rng,
+      s.graphdef, s.state, s.cache, s.logits, s.slots, s.lengths, rng,
       jnp.int32(max_new_tokens), jnp.float32(temperature if temperature > 0 else 1.0),
-      jnp.float32(top_p), jnp.int32(min_new_tokens), jnp.int32(pad_id), eos,
-      max_steps=n_b, greedy=bool(greedy), top_k=int(top_k), use_top_p=top_p < 1.0,
-      stop_at_eos=bool(stop_at_eos), mesh_key=mesh_key)
+      jnp.float32(top_p), jnp.int32(min_new_tokens), jnp.int32(pad_id), s.eos,
+      max_steps=s.n_b, greedy=bool(greedy), top_k=s.top_k, use_top_p=top_p < 1.0,
+      stop_at_eos=bool(stop_at_eos), mesh_key=s.mesh_key)
   out, response_mask, logprobs = _truncate_after_eos(
-      out, logprobs, jnp.int32(max_new_tokens), jnp.int32(pad_id), eos)
-  out = out[:batch, :max_new_tokens]
-  response_mask = response_mask[:batch, :max_new_tokens]
-  logprobs = logprobs[:batch, :max_new_tokens]
+      out, logprobs, jnp.int32(max_new_tokens), jnp.int32(pad_id), s.eos)
+  out = out[:s.batch, :max_new_tokens]
+  response_mask = response_mask[:s.batch, :max_new_tokens]
+  logprobs = logprobs[:s.batch, :max_new_tokens]
   return SampleOutput(tokens=out, response_mask=response_mask, logprobs=logprobs,
-                      prompt_tokens=prompt_tokens, prompt_mask=prompt_mask)
+                      prompt_tokens=s.prompt_tokens, prompt_mask=s.prompt_mask)
+
+
+def sample_stream(model: nnx.Module, prompt_tokens, prompt_mask, *, rng: jax.Array,
+                  max_new_tokens: int, chunk_tokens: int = 4, temperature: float = 1.0,
+                  top_k: int = 0, top_p: float = 1.0, min_new_tokens: int = 0,
+                  eos_ids: Sequence[int] = (), pad_id: int = 0, greedy: bool = False,
+                  cache_size: int | None = None, cache_dtype: Any = None) -> Iterator[np.ndarray]:
+  """:func:`sample` in pieces, for showing a response while it is written.
+
+  Yields the next `chunk_tokens` (fewer at the end) new tokens of every row,
+  int32 [B, n] on the host, until `max_new_tokens` or until every row has
+  produced an EOS. The steps, and their random draws, are those of
+  :func:`sample` with the same arguments: the pieces put together are its
+  tokens up to the first EOS. The arguments are checked (and the prompt run)
+  on the first ``next()``.
+  """
+  if chunk_tokens < 1:
+    raise ValueError(f"chunk_tokens={chunk_tokens}: must be >= 1")
+  s = _start(model, prompt_tokens, prompt_mask, max_new_tokens=max_new_tokens,
+             temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=eos_ids, pad_id=pad_id,
+             greedy=greedy, cache_size=cache_size, cache_dtype=cache_dtype)
+  cache, logits, slots = s.cache, s.logits, s.slots
+  eos = np.asarray(s.eos)
+  done = np.zeros((s.batch,), bool)
+  for first in range(0, max_new_tokens, chunk_tokens):
+    tokens, cache, logits, slots = _decode_chunk(
+        s.graphdef, s.state, cache, logits, slots, s.lengths, rng, jnp.int32(first),
+        jnp.int32(max_new_tokens), jnp.float32(temperature if temperature > 0 else 1.0),
+        jnp.float32(top_p), jnp.int32(min_new_tokens), jnp.int32(pad_id), s.eos,
+        chunk=int(chunk_tokens), greedy=bool(greedy), top_k=s.top_k, use_top_p=top_p < 1.0,
+        mesh_key=s.mesh_key)
+    piece = np.asarray(jax.device_get(tokens))[:s.batch, :min(chunk_tokens,
+                                                               max_new_tokens - first)]
+    yield piece
+    done |= np.isin(piece, eos).any(axis=1)
+    if done.all():
+      return
 
 
 # --- scoring given sequences -------------------------------------------------

@@ -96,13 +96,23 @@ def test_a_tiny_judge_picks_the_genre_the_profile_names():
 
 @pytest.mark.slow
 def test_judge_command_writes_zero_shot_and_trained_accuracy(served_run, served_session, capsys,
-                                                             smollm2_gguf):
+                                                             monkeypatch):
+  from langptune_jax.serve import load
   cfg, workdir = served_run
-  result = judge.judge_run(cfg, served_session, judge.LocalJudge.from_path(smollm2_gguf))
+  monkeypatch.setattr(load, "open_session", lambda *args, **kwargs: served_session)
+  assert judge.run(cfg, workdir) == 0  # the default judge: the offline SmolLM2
+  result = json.loads((workdir / "judge.json").read_text())
+  users = served_session.data.split(str(cfg.eval.split)).user
+  assert result["users"] == [int(u) for u in users] and result["num_candidates"] == 4
   for name in ("zero_shot", "trained"):
     r = result[name]
-    assert r["chance"] == 1 / cfg.judge.num_candidates and r["total"] == len(result["users"]) > 0
+    assert r["chance"] == 0.25 and r["total"] == len(result["users"]) > 0
     assert 0 <= r["interval95"][0] <= r["accuracy"] <= r["interval95"][1] <= 1
-  table = judge.format_table(result)
-  assert "zero_shot" in table and "trained" in table
-  json.dumps(result)
+    assert r["accuracy"] == r["correct"] / r["total"]
+  table = capsys.readouterr().out
+  print(table)
+  assert f"{len(users)} users of {cfg.eval.split}, 4 candidates each (chance 0.250)" in table
+  for name in ("zero_shot", "trained"):
+    r = result[name]
+    assert (f"{r['accuracy']:>8.3f}  [{r['interval95'][0]:.3f}, {r['interval95'][1]:.3f}]  "
+            f"({r['correct']}/{r['total']})") in table

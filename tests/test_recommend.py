@@ -99,9 +99,14 @@ def test_cli_prints_json_and_one_line_errors(served_run, served_session, tmp_pat
   base = [sys.executable, "-m", "langptune_jax.main", "recommend", f"--config={config}"]
   env = dict(os.environ, PYTHONPATH=os.path.abspath(ROOT), JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
+  history = tmp_path / "history.txt"
+  history.write_text("0\nThe Film That Never Was (1901)\n")
   runs = {
       "ok": base + [f"--workdir={workdir}", "--profile=space adventure", "--format=json"],
       "unknown_user": base + [f"--workdir={workdir}", "--user=99999"],
+      "unknown_title": base + [f"--workdir={workdir}", f"--history={history}"],
+      "long_profile": base + [f"--workdir={workdir}", "--profile=" + "drama " * 100],
+      "empty_profile": base + [f"--workdir={workdir}", "--profile= "],
       "no_checkpoint": base + [f"--workdir={tmp_path / 'empty'}", "--user=1"],
   }
   procs = {name: subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -112,8 +117,13 @@ def test_cli_prints_json_and_one_line_errors(served_run, served_session, tmp_pat
   assert code == 0, err
   assert [r["item"] for r in json.loads(out)["items"]] == [
       r["item"] for r in served_session.rank("space adventure")]
-  for name, message in [("unknown_user", "error: unknown user id 99999"),
-                        ("no_checkpoint", "error: no checkpoint in ")]:
+  for name, message in [
+      ("unknown_user", "error: unknown user id 99999"),
+      ("unknown_title", "error: history line 2: unknown item 'The Film That Never Was (1901)'"),
+      ("long_profile", "error: profile is 102 tokens; the ranking model reads at most "
+                       "data.decoder_max_len=48"),
+      ("empty_profile", "error: profile is empty"),
+      ("no_checkpoint", "error: no checkpoint in ")]:
     code, out, err = results[name]
     assert code == 2, (name, err)
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]

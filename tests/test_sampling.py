@@ -194,6 +194,34 @@ def test_token_logprobs_chunking_and_entropy(model):
   assert bool(jnp.all(ent_a[:, 1:][valid] <= np.log(VOCAB) + 1e-5))
 
 
+def test_stream_pieces_are_the_sampled_tokens(model):
+  tokens, mask = left_pad(PROMPTS)
+  for greedy in (True, False):
+    whole = sampling.sample(model, tokens, mask, rng=jax.random.key(4), max_new_tokens=11,
+                            temperature=0.7, greedy=greedy, pad_id=PAD)
+    pieces = list(sampling.sample_stream(model, tokens, mask, rng=jax.random.key(4),
+                                         max_new_tokens=11, chunk_tokens=3, temperature=0.7,
+                                         greedy=greedy, pad_id=PAD))
+    assert [p.shape for p in pieces] == [(3, 3)] * 3 + [(3, 2)]
+    np.testing.assert_array_equal(np.concatenate(pieces, axis=1), whole.tokens)
+  # Once every row has produced an EOS the stream ends; the pieces hold the tokens up to it.
+  eos = int(whole.tokens[0, 1])
+  cut = sampling.sample(model, tokens, mask, rng=jax.random.key(4), max_new_tokens=11,
+                        temperature=0.7, eos_ids=(eos,), pad_id=PAD)
+  pieces = list(sampling.sample_stream(model, tokens, mask, rng=jax.random.key(4),
+                                       max_new_tokens=11, chunk_tokens=3, temperature=0.7,
+                                       eos_ids=(eos,), pad_id=PAD))
+  streamed = np.concatenate(pieces, axis=1)
+  ends = [row.index(eos) + 1 if eos in row else 11 for row in streamed.tolist()]
+  assert streamed.shape[1] == min(11, -(-max(ends) // 3) * 3)
+  for i, end in enumerate(ends):
+    assert streamed[i, :end].tolist() == np.asarray(cut.tokens)[i, :end].tolist()
+    assert bool(cut.response_mask[i, :end].all()) and not bool(cut.response_mask[i, end:].any())
+  with pytest.raises(ValueError, match="chunk_tokens=0"):
+    next(sampling.sample_stream(model, tokens, mask, rng=jax.random.key(0), max_new_tokens=4,
+                                chunk_tokens=0))
+
+
 def test_no_recompilation_within_a_bucket(model):
   tokens, mask = left_pad(PROMPTS)
   sampling.sample(model, tokens, mask, rng=jax.random.key(0), max_new_tokens=10)

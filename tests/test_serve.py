@@ -1,6 +1,7 @@
 """The web API over a trained run: each request, each error, compiles and parallel requests."""
 
 import concurrent.futures
+import json
 
 import httpx
 import jax
@@ -56,6 +57,32 @@ def test_profile_for_a_user_ranks_without_the_history(client, served_session):
   assert again["profile"] == out["profile"]  # same seed, same profile
 
 
+def _stream(client, body):
+  with client.stream("POST", "/api/profile/stream", json=body) as response:
+    assert response.status_code == 200, response.read()
+    assert response.headers["content-type"].startswith("application/x-ndjson")
+    return [json.loads(line) for line in response.iter_lines() if line.strip()]
+
+
+@pytest.mark.parametrize("temperature,seed", [(1.0, 5), (0.0, 0)])
+def test_streamed_profile_grows_and_ends_as_the_written_one(client, served_session, temperature,
+                                                            seed):
+  body = {"user": served_session.user_ids()[4], "temperature": temperature, "seed": seed}
+  lines = _stream(client, body)
+  done = lines[-1]
+  assert done.get("done") is True and not any("done" in m for m in lines[:-1])
+  pieces = {field: [m[field] for m in lines[:-1] if field in m]
+            for field in ("profile", "zero_shot_profile")}
+  assert all(len(m) == 1 for m in lines[:-1])  # one growing text a line
+  written = _ok(client.post("/api/profile", json=body))
+  for field in ("profile", "zero_shot_profile"):
+    assert pieces[field] and pieces[field][-1] == done[field] == written[field]
+  assert done["items"] == written["items"]
+  assert done["zero_shot_items"] == written["zero_shot_items"]
+  if temperature > 0:  # 4 tokens a piece: the sampled 8-token profile arrives in two
+    assert len(pieces["profile"]) == 2 and pieces["profile"][0] != done["profile"]
+
+
 def test_edited_profile_reranks_with_moves(client, served_session):
   plain = _ok(client.post("/api/rank", json={"profile": "movies"}))["items"]
   scores = [r["score"] for r in plain]
@@ -103,6 +130,10 @@ def test_profile_and_user_errors(client):
       ("/api/profile", {"history": [" ", ""]}, 400, "history is empty"),
       ("/api/profile", {}, 400, "give exactly one of user, history"),
       ("/api/profile", {"user": 1, "temperature": -1}, 400, "temperature=-1.0"),
+      ("/api/profile/stream", {"user": 99999}, 404, "unknown user id 99999"),
+      ("/api/profile/stream", {"history": ["Nope (1111)"]}, 404, "history line 1: unknown item"),
+      ("/api/profile/stream", {"user": 1, "temperature": -1}, 400, "temperature=-1.0"),
+      ("/api/profile/stream", {"user": "x"}, 422, "user"),
   ]:
     response = client.post(path, json=body)
     assert response.status_code == status and message in response.json()["error"], response.text
@@ -113,6 +144,18 @@ def test_workdir_without_checkpoint_is_one_clear_error(served_run, tmp_path):
   cfg, _ = served_run
   with pytest.raises(FileNotFoundError, match="no checkpoint in .*checkpoints: train first"):
     open_session(cfg, tmp_path)
+
+
+def test_zero_shot_writer_is_the_base_model(served_session):
+  from flax import nnx
+
+  def lora_b(model):
+    return {path: np.asarray(v.get_value()) for path, v in
+            nnx.to_flat_state(nnx.state(model, nnx.LoRAParam)) if path[-1] == "lora_b"}
+  trained, base = lora_b(served_session.writer), lora_b(served_session.zero_shot_writer)
+  assert trained.keys() == base.keys() and trained
+  assert all(not b.any() for b in base.values())  # adapters start at zero
+  assert any(t.any() for t in trained.values())  # and training moved them
 
 
 def test_requests_do_not_compile(client, served_session):
@@ -129,6 +172,7 @@ def test_requests_do_not_compile(client, served_session):
     for i, profile in enumerate(["a", HORROR, "short comedy", "war " * 20]):
       _ok(client.post("/api/rank", json={"profile": profile, "user": user}))
       _ok(client.post("/api/profile", json={"user": user, "seed": i, "temperature": 0.5 + i}))
+      assert _stream(client, {"user": user, "seed": i, "temperature": i})[-1]["done"]
     _ok(client.post("/api/profile", json={"history": ["0", "5", "7"], "temperature": 0}))
   finally:
     jax.monitoring.unregister_event_duration_listener(on_event)
@@ -140,14 +184,25 @@ def test_twenty_parallel_reranks_all_correct(served_session):
   profiles = [f"{genre} movies, {n}" for n in range(4)
               for genre in ("horror", "comedy", "western", "romance", "children's animation")]
   expected = [[r["item"] for r in served_session.rank(p)] for p in profiles]
+  user = served_session.user_ids()[5]
+  written = served_session.write_profile(served_session.dataset_prompt(user), seed=2,
+                                         temperature=1.0)
   with live_server(served_session) as url:
     def ask(profile):
       response = httpx.post(f"{url}/api/rank", json={"profile": profile}, timeout=120)
       response.raise_for_status()
       return [r["item"] for r in response.json()["items"]]
-    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+
+    def stream():  # a profile streaming meanwhile
+      body = {"user": user, "seed": 2, "temperature": 1.0, "zero_shot": False}
+      with httpx.stream("POST", f"{url}/api/profile/stream", json=body, timeout=120) as response:
+        return [json.loads(line) for line in response.iter_lines() if line.strip()][-1]
+
+    with concurrent.futures.ThreadPoolExecutor(21) as pool:
+      streamed = pool.submit(stream)
       answers = list(pool.map(ask, profiles))
   assert answers == expected
+  assert streamed.result()["done"] and streamed.result()["profile"] == written
 
 
 def test_short_profiles_embed_as_in_the_full_window(served_session):

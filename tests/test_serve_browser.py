@@ -69,9 +69,14 @@ def test_pick_a_user_then_steer_the_list_by_editing_the_profile(browser, served_
     temperature.clear()
     temperature.send_keys("1")  # the tiny writer's greedy profile can be empty
     browser.find_element("id", "generate").click()
+    # The profile streams in (two pieces of 4 tokens), then the lists come.
+    _wait(browser, lambda d: int(d.find_element("id", "profile").get_attribute("data-pieces")
+                                 or 0) >= 2)
     _wait(browser, lambda d: _version(d) >= 1)
     profile = browser.find_element("id", "profile").get_attribute("value")
-    assert profile and profile != "writing..."
+    written = served_session.write_profile(served_session.dataset_prompt(user), seed=0,
+                                           temperature=1.0)
+    assert profile == written and profile
     assert "held-out target" in browser.find_element("id", "user-info").text
     before = _ranking(browser)
     assert len(before) == served_session.top_k, browser.find_element("id", "error").text

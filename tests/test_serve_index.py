@@ -52,3 +52,52 @@ def test_a_torn_index_is_rebuilt(tmp_path):
   (tmp_path / "embeddings.npy").write_bytes(b"not an array")
   _, rebuilt = _build(tmp_path, state, ["x", "y"], embed)
   assert rebuilt and meta["num_items"] == 2
+
+
+def test_runs_without_checkpoints_get_no_index(tmp_path):
+  class Run:  # what index_trained_run reads first
+    checkpointer = None
+    workdir = str(tmp_path)
+  assert index_lib.index_trained_run(Run()) is None
+  assert not (tmp_path / index_lib.INDEX_DIR).exists()
+
+
+def test_train_leaves_the_index_that_recommend_reuses(served_run, served_session, monkeypatch):
+  import io
+
+  from langptune_jax.models import embedder as embedder_lib
+  from langptune_jax.rec import retrieval
+  from langptune_jax.serve import recommend as recommend_lib
+  cfg, workdir = served_run
+  folder = workdir / index_lib.INDEX_DIR
+  meta = json.loads((folder / "meta.json").read_text())
+  assert meta["num_items"] == len(served_session.titles)
+  assert not served_session.index_rebuilt  # the session found train's index
+  np.testing.assert_array_equal(np.load(folder / "embeddings.npy"),
+                                served_session.item_embeddings)
+
+  def no_embedding(*args, **kwargs):
+    raise AssertionError("the catalogue was embedded again")
+  monkeypatch.setattr(retrieval, "embed_catalogue", no_embedding)
+  out = io.StringIO()
+  assert recommend_lib.recommend(cfg, workdir, profile="space adventure", out=out) == 0
+  assert "rank    score" in out.getvalue()
+
+  # One edited item text: the fingerprint no longer matches, the index is rebuilt.
+  monkeypatch.undo()
+  texts = list(served_session.data.item_text)
+  texts[0] = texts[0].replace("Genres:", "Genres: Horror,", 1)
+  assert texts[0] != served_session.data.item_text[0]
+  ranker = served_session.ranker
+  tokens, mask = embedder_lib.tokenize_texts(ranker.tokenizer, texts, ranker.max_len)
+  digest = index_lib.fingerprint(ranker.state, texts, ranker.max_len)
+  rebuilt, again = index_lib.load_or_build(folder, digest, ranker.embed_rows, tokens, mask,
+                                           int(cfg.decoder.embed_batch_size))
+  assert again and json.loads((folder / "meta.json").read_text())["fingerprint"] == digest
+  assert not np.allclose(rebuilt[0], served_session.item_embeddings[0], atol=1e-4)
+  np.testing.assert_allclose(rebuilt[1:], served_session.item_embeddings[1:], atol=1e-4)
+  # Back to the run's texts for the tests that follow (a rebuild, like any mismatch).
+  index_lib.load_or_build(folder, index_lib.fingerprint(ranker.state, served_session.data.item_text,
+                                                        ranker.max_len),
+                          ranker.embed_rows, served_session.data.item_tokens,
+                          served_session.data.item_mask, int(cfg.decoder.embed_batch_size))

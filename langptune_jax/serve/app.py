@@ -3,17 +3,19 @@
 FastAPI over one :class:`~langptune_jax.serve.session.Session`. Handlers are
 plain functions (FastAPI runs them in its thread pool; the session serialises
 the JAX calls). Every bad request gets a 4xx answer ``{"error": "..."}`` and
-the server keeps serving.
+the server keeps serving. ``/api/profile/stream`` sends the profile while it
+is written, as JSON lines.
 """
 
 from __future__ import annotations
 
+import json
 import pathlib
 from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from langptune_jax.serve.session import Prompt, Session, UnknownError
@@ -93,16 +95,37 @@ def create_app(session: Session) -> FastAPI:
   @app.post("/api/profile")
   def profile(req: ProfileRequest):
     prompt = _prompt(session, req.user, req.history)
-    text = session.write_profile(prompt, seed=req.seed, temperature=req.temperature)
-    out = {"profile": text, "target": _item(session, prompt.target),
-           "history": [_item(session, i) for i in prompt.history],
-           "items": _rank_or_error(session, text, prompt)}
+    texts = {"profile": session.write_profile(prompt, seed=req.seed,
+                                              temperature=req.temperature)}
     if req.zero_shot:
-      zero = session.write_profile(prompt, seed=req.seed, temperature=req.temperature,
-                                   zero_shot=True)
-      out["zero_shot_profile"] = zero
-      out["zero_shot_items"] = _rank_or_error(session, zero, prompt)
-    return out
+      texts["zero_shot_profile"] = session.write_profile(
+          prompt, seed=req.seed, temperature=req.temperature, zero_shot=True)
+    return _profile_answer(session, prompt, texts)
+
+  @app.post("/api/profile/stream")
+  def profile_stream(req: ProfileRequest):
+    """/api/profile as JSON lines: {"profile": text so far} while it is written (then
+    {"zero_shot_profile": ...}), and last the whole answer with "done": true."""
+    prompt = _prompt(session, req.user, req.history)
+    streams = {"profile": session.stream_profile(prompt, seed=req.seed,
+                                                 temperature=req.temperature)}
+    if req.zero_shot:
+      streams["zero_shot_profile"] = session.stream_profile(
+          prompt, seed=req.seed, temperature=req.temperature, zero_shot=True)
+
+    def lines():
+      texts = {}
+      try:
+        for field, stream in streams.items():
+          texts[field] = ""
+          for text in stream:
+            texts[field] = text
+            yield json.dumps({field: text}) + "\n"
+        yield json.dumps(dict(_profile_answer(session, prompt, texts), done=True)) + "\n"
+      except Exception as e:  # the status line is already sent: the error is the last line
+        yield json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n"
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
 
   @app.post("/api/rank")
   def rank(req: RankRequest):
@@ -115,6 +138,17 @@ def create_app(session: Session) -> FastAPI:
 
 def _item(session: Session, item: int | None):
   return None if item is None else {"item": item, "title": session.titles[item]}
+
+
+def _profile_answer(session: Session, prompt: Prompt, texts: dict) -> dict:
+  """The profiles with their rankings, the user's history and the held-out target."""
+  out = {"profile": texts["profile"], "target": _item(session, prompt.target),
+         "history": [_item(session, i) for i in prompt.history],
+         "items": _rank_or_error(session, texts["profile"], prompt)}
+  if "zero_shot_profile" in texts:
+    out["zero_shot_profile"] = texts["zero_shot_profile"]
+    out["zero_shot_items"] = _rank_or_error(session, texts["zero_shot_profile"], prompt)
+  return out
 
 
 def _rank_or_error(session: Session, text: str, prompt: Prompt):

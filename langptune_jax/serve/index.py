@@ -4,7 +4,8 @@ Embedding a large catalogue takes minutes, so it is done once and kept in
 ``<dir>/catalogue_index/``. A fingerprint of the decoder weights and the item
 texts travels with it: a matching index is reused, any other is rebuilt (with a
 progress bar), so a re-trained decoder or an edited catalogue never ranks with
-stale vectors.
+stale vectors. ``train`` builds it when it finishes (:func:`index_trained_run`),
+so the first ``recommend`` or ``serve`` of a run starts without embedding.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Callable, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 
 from langptune_jax import fs
 from langptune_jax.rec import retrieval
@@ -76,3 +78,30 @@ def load_or_build(folder: pathlib.Path, digest: str, embed_fn: Callable, item_to
                                          desc="indexing the catalogue")
   save(folder, embeddings, digest)
   return embeddings, True
+
+
+def index_trained_run(trainer) -> pathlib.Path | None:
+  """Indexes the catalogue with a finished run's decoder, where serving looks for it.
+
+  Every process calls it (on several hosts the decoder's arrays are gathered);
+  process 0 embeds and writes. The decoder is read as serving reads it (one
+  device, the same fingerprint), so a session on the last checkpoint reuses it.
+  """
+  from langptune_jax.serve.ranker import Ranker
+  if trainer.checkpointer is None:
+    return None  # nothing to serve: recommend and serve read a checkpoint
+  graphdef, state = nnx.split(trainer.decoder_state.model)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    state = multihost_utils.process_allgather(state, tiled=True)
+  if jax.process_index() != 0:
+    return None
+  config, data = trainer.config, trainer.data
+  ranker = Ranker(nnx.merge(graphdef, state), trainer.decoder_tokenizer,
+                  int(config.data.decoder_max_len))
+  folder = pathlib.Path(trainer.workdir) / INDEX_DIR
+  digest = fingerprint(ranker.state, data.item_text, ranker.max_len)
+  embeddings, _ = load_or_build(folder, digest, ranker.embed_rows, data.item_tokens,
+                                data.item_mask, int(config.decoder.embed_batch_size))
+  print(f"catalogue index: {folder} ({embeddings.shape[0]} items)")
+  return folder

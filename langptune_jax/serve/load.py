@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pathlib
 
+from flax import nnx
+
 from langptune_jax import fs, parallel
 from langptune_jax.models import embedder as embedder_lib
 from langptune_jax.serve.session import Session
@@ -45,7 +47,9 @@ def _from_checkpoint(config, workdir, warm_up: bool) -> Session:
                             "first, or point serve.export_dir at an exported run")
   trainer = commands.build_trainer(config, str(workdir))
   try:
-    zero_shot = trainer.encoder_state.model  # holds the weights from before the restore
+    # The weights from before the restore, in Variables of its own: a merged module shares
+    # the train state's Variables, which the restore updates in place.
+    zero_shot = nnx.clone(trainer.encoder_state.model)
     if not trainer.restore():
       raise FileNotFoundError(f"no checkpoint in {_workdir(workdir) / CHECKPOINTS}")
     return Session(config, writer=trainer.encoder_state.model, zero_shot_writer=zero_shot,

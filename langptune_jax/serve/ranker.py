@@ -18,6 +18,8 @@ from flax import nnx
 
 from langptune_jax.models import embedder as embedder_lib
 
+EMPTY_PROFILE = "profile is empty: write a few words about the user's taste"
+
 # Traces of the ranking model's jitted call; the compile-count test reads it.
 TRACE_COUNTS: collections.Counter = collections.Counter()
 
@@ -57,7 +59,7 @@ class Ranker:
 
   def check_profile(self, text) -> str:
     if not isinstance(text, str) or not text.strip():
-      raise ValueError("profile is empty: write a few words about the user's taste")
+      raise ValueError(EMPTY_PROFILE)
     count = len(self.tokenizer(text)["input_ids"])
     if count > self.max_len:
       raise ValueError(f"profile is {count} tokens; the ranking model reads at most "

@@ -12,6 +12,7 @@ import pathlib
 import sys
 
 from langptune_jax.serve import flags as serve_flags
+from langptune_jax.serve import ranker as ranker_lib
 from langptune_jax.serve.load import open_session
 
 
@@ -37,6 +38,8 @@ def recommend(config, workdir, *, user=None, history=None, profile=None,
     raise ValueError(f"give exactly one of --user, --history, --profile (got "
                      f"{', '.join(given) or 'none'})")
   lines = _history_lines(history) if history is not None else None
+  if profile is not None and not profile.strip():  # before minutes of loading models
+    raise ValueError(ranker_lib.EMPTY_PROFILE)
   session = session or open_session(config, workdir, warm_up=False)
   if profile is not None:
     prompt = None

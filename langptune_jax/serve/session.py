@@ -6,8 +6,8 @@ index. Every jitted call has one fixed shape (a prompt is one row of
 ``data.prompt_max_len``, a profile one row of ``data.decoder_max_len``), so
 after the warm-up no request compiles anything. The models are gathered onto
 one device: a single user's request is far too small to split over a mesh.
-Profile writing goes through one lock (one generation at a time); ranking is
-lock-free.
+Profile writing goes through one lock (one generation at a time; a streamed
+profile holds it for one piece at a time); ranking is lock-free.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import threading
+from typing import Iterator
 
 import jax
 import numpy as np
 
+from langptune_jax import sampling as sampling_lib
 from langptune_jax.data import prompts as prompts_lib
 from langptune_jax.models import embedder as embedder_lib
 from langptune_jax.serve import index as index_lib
@@ -26,6 +28,9 @@ from langptune_jax.serve.ranker import Ranker, on_one_device
 from langptune_jax.train import profiles as profiles_lib
 from langptune_jax.train.run_data import RunData
 from langptune_jax.weights import tokenizer as tok_lib
+
+# Tokens per streamed piece of a profile: a few words at a time, one compiled step each.
+STREAM_TOKENS = 4
 
 
 class UnknownError(ValueError):
@@ -54,12 +59,14 @@ class Session:
 
   def __init__(self, config, *, writer, zero_shot_writer, ranker: embedder_lib.Embedder,
                writer_tokenizer, ranker_tokenizer, data: RunData, index_dir: pathlib.Path,
-               sampling: profiles_lib.SamplingSettings, warm_up: bool = True):
+               sampling: profiles_lib.SamplingSettings, warm_up: bool = True,
+               stream_tokens: int = STREAM_TOKENS):
     self.config = config
     self.writer, self.zero_shot_writer = on_one_device(writer), on_one_device(zero_shot_writer)
     self.writer_tokenizer, self.ranker_tokenizer = writer_tokenizer, ranker_tokenizer
     self.data = data
     self.sampling = sampling
+    self.stream_tokens = int(stream_tokens)
     self.prompt_len = int(config.data.prompt_max_len)
     self.profile_len = int(config.data.decoder_max_len)
     self.top_k = int(config.serve.top_k)
@@ -126,21 +133,60 @@ class Session:
 
   # --- profiles ----------------------------------------------------------------
 
-  def write_profile(self, prompt: Prompt, *, seed: int = 0, temperature: float | None = None,
-                    zero_shot: bool = False) -> str:
-    """One profile; temperature 0 is greedy (default: rl.temperature)."""
+  def _settings(self, temperature: float | None) -> tuple[profiles_lib.SamplingSettings, bool]:
+    """(sampling settings, greedy) for a requested temperature (0: greedy; None: rl.temperature)."""
     temperature = self.sampling.temperature if temperature is None else float(temperature)
     if temperature < 0 or not np.isfinite(temperature):
       raise ValueError(f"temperature={temperature}: must be >= 0 (0: greedy)")
-    settings = dataclasses.replace(self.sampling, temperature=temperature or 1.0)
+    return dataclasses.replace(self.sampling, temperature=temperature or 1.0), temperature == 0
+
+  def write_profile(self, prompt: Prompt, *, seed: int = 0, temperature: float | None = None,
+                    zero_shot: bool = False) -> str:
+    """One profile, written as training and evaluation write them."""
+    settings, greedy = self._settings(temperature)
     model = self.zero_shot_writer if zero_shot else self.writer
     with self._lock:
       out = profiles_lib.write_profiles(
           model, prompt.tokens, prompt.mask, settings=settings,
           encoder_tokenizer=self.writer_tokenizer, decoder_tokenizer=self.ranker_tokenizer,
           decoder_max_len=self.profile_len, batch_size=1, rng=jax.random.key(int(seed)),
-          greedy=temperature == 0, desc="writing a profile")
+          greedy=greedy, desc="writing a profile")
     return out.texts[0]
+
+  def stream_profile(self, prompt: Prompt, *, seed: int = 0, temperature: float | None = None,
+                     zero_shot: bool = False) -> Iterator[str]:
+    """The profile as it is written: its text so far every `stream_tokens` tokens.
+
+    The last text is the one :meth:`write_profile` returns for the same
+    arguments (same key, same steps). Bad arguments raise here, before the
+    first text; the lock is held for one piece at a time, so a slow reader
+    never stalls other requests.
+    """
+    settings, greedy = self._settings(temperature)
+    model = self.zero_shot_writer if zero_shot else self.writer
+    # write_profiles draws batch i with fold_in(key, i); a single user is batch 0.
+    rng = jax.random.fold_in(jax.random.key(int(seed)), 0)
+    pieces = sampling_lib.sample_stream(
+        model, prompt.tokens, prompt.mask, rng=rng, max_new_tokens=settings.max_new_tokens,
+        chunk_tokens=self.stream_tokens, temperature=settings.temperature, top_k=settings.top_k,
+        top_p=settings.top_p, eos_ids=settings.eos_ids, pad_id=settings.pad_id, greedy=greedy,
+        cache_size=settings.cache_size)
+    eos = set(settings.eos_ids)
+
+    def texts():
+      tokens: list[int] = []
+      while True:
+        with self._lock:
+          piece = next(pieces, None)
+        if piece is None:
+          return
+        tokens.extend(int(t) for t in piece[0])
+        end = next((i + 1 for i, t in enumerate(tokens) if t in eos), len(tokens))
+        row = np.asarray([tokens[:end]], np.int32)
+        yield profiles_lib.decode_responses(self.writer_tokenizer, row,
+                                            np.ones_like(row, bool))[0]
+
+    return texts()
 
   # --- ranking -----------------------------------------------------------------
 
@@ -168,5 +214,7 @@ class Session:
     self.rank("warm up")
     if self._users:
       prompt = self.dataset_prompt(self.user_ids()[0])
-      self.write_profile(prompt, temperature=0.0)
-      self.write_profile(prompt, temperature=1.0)
+      for temperature in (0.0, 1.0):
+        self.write_profile(prompt, temperature=temperature)
+        for _ in self.stream_profile(prompt, temperature=temperature):
+          pass

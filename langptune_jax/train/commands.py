@@ -23,6 +23,7 @@ from langptune_jax.data import prepare as data_prepare
 from langptune_jax.models import bert as bert_lib
 from langptune_jax.models import embedder as embedder_lib
 from langptune_jax.observability import MetricsWriter
+from langptune_jax.serve import index as index_lib
 from langptune_jax.train import checkpoint as ckpt_lib
 from langptune_jax.train import report
 from langptune_jax.train import setup as setup_lib
@@ -118,6 +119,7 @@ def train(config, workdir) -> int:
             f"{where.step}; run the same command to resume")
     elif trainer.finished:
       _print_report(trainer)
+      index_lib.index_trained_run(trainer)  # what recommend and serve rank with
     else:
       print(f"stopped at {trainer.position} (train.stop_after_steps); run again to resume")
   finally:
