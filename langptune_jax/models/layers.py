@@ -126,4 +126,56 @@ def checkpointed_call(fn: Callable, module: nnx.Module, *args, policy=None):
   def pure(state, *args):
     return fn(nnx.merge(graphdef, state), *args)
 
-  return jax.checkpoint(pure, policy=policy)(state, *args)
+  if policy is not None:
+    return jax.checkpoint(pure, policy=policy)(state, *args)
+  return _recompute_after_cotangent(pure)(state, *args)
+
+
+def _recompute_after_cotangent(pure: Callable) -> Callable:
+  """`pure` saving only its inputs; the backward pass recomputes it once its cotangent exists.
+
+  ``jax.checkpoint`` leaves the order of recomputation to the compiler, and one
+  that is not memory-aware (XLA:CPU) recomputes every layer before the first
+  backward step, keeping all activations alive at once. Tying the inputs to the
+  incoming cotangent with an optimization barrier makes each layer's
+  recomputation wait for its own backward step on every backend.
+  """
+  def forward(state, *args):
+    # The layer's weights are gathered once its input exists, not all at the start.
+    return pure(_after(state, args[:1]), *args)
+
+  @jax.custom_vjp
+  def call(*primals):
+    return forward(*primals)
+
+  def fwd(*primals):
+    return forward(*primals), primals
+
+  def bwd(primals, cotangent):
+    primals, cotangent = jax.lax.optimization_barrier((primals, cotangent))
+    primals = _after(primals, cotangent)
+    _, vjp = jax.vjp(pure, *primals)
+    return vjp(cotangent)
+
+  call.defvjp(fwd, bwd)
+  return call
+
+
+def _after(tree, other):
+  """`tree` unchanged in value, but computed after `other` (a true data dependency).
+
+  XLA:CPU drops optimization barriers before it schedules; adding zero times one
+  element of `other` orders the work there too (NaN only if `other` is already
+  non-finite).
+  """
+  leaves = [x for x in jax.tree.leaves(other) if jnp.issubdtype(x.dtype, jnp.floating)]
+  if not leaves:
+    return tree
+  zero = jnp.zeros((), jnp.float32) * leaves[0].reshape(-1)[0].astype(jnp.float32)
+
+  def tie(x):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    return x + zero.astype(x.dtype)
+
+  return jax.tree.map(tie, tree)
