@@ -40,7 +40,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from langptune_jax import flops, parallel
 from langptune_jax.models import presets, transformer
-from langptune_jax.plan_report import GiB, HEADROOM, Plan, StepPlan  # noqa: F401  (GiB: public)
+from langptune_jax.plan_report import HEADROOM, GiB, Plan, StepPlan  # noqa: F401  (GiB: public)
 
 # --- per-device bytes ----------------------------------------------------------
 
