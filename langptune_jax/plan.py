@@ -397,7 +397,8 @@ class MicroBatchChoice:
 
 def largest_micro_batches(config, chip: flops.Chip, mesh=None, *,
                           log: Callable[[str], Any] = logging.info,
-                          headroom: float = HEADROOM) -> list[MicroBatchChoice]:
+                          headroom: float = HEADROOM,
+                          fields: tuple[str, ...] = tuple(MICRO_BATCHES)) -> list[MicroBatchChoice]:
   """For each micro-batch field, the largest size whose steps fit `chip` (compiled, per device).
 
   Sizes are tried from the largest down; each try compiles the steps that
@@ -408,7 +409,8 @@ def largest_micro_batches(config, chip: flops.Chip, mesh=None, *,
   dp = parallel.data_parallel_size(mesh, rules)
   budget = chip.hbm_gib * GiB * headroom
   choices = []
-  for field, (batch_field, per_unit_field, names) in MICRO_BATCHES.items():
+  for field in fields:
+    batch_field, per_unit_field, names = MICRO_BATCHES[field]
     per_unit = int(_field(config, per_unit_field)) if per_unit_field else 1
     batch = int(_field(config, batch_field))
     tried: dict[int, int] = {}

@@ -166,19 +166,19 @@ def test_chip_gets_the_largest_micro_batch_that_fits():
   mesh = _mesh(2, fsdp=2)
   assert plan_lib.micro_batch_candidates(8, 2, 2) == [0, 4, 2, 1]
   assert plan_lib.micro_batch_candidates(8, 1, 2) == [0, 4, 2]
+  roomy = plan_lib.largest_micro_batches(config, flops.chip("h200"), mesh)
+  assert [(c.field, c.value, list(c.tried)) for c in roomy] == [
+      ("rl.micro_batch_size", 0, [0]), ("cl.micro_batch_size", 0, [0])]  # the whole batch fits
+  rl_only = ("rl.micro_batch_size",)
   nothing = flops.Chip("fake", 1.0, 1e-6)
-  tried = {c.field: c for c in plan_lib.largest_micro_batches(config, nothing, mesh)}
-  assert set(tried) == {"rl.micro_batch_size", "cl.micro_batch_size"}
-  for choice in tried.values():  # nothing fits: every size was compiled
-    assert choice.value is None and len(choice.tried) == (4 if choice.field[:2] == "rl" else 3)
-  assert "none fits" in plan_lib.format_choices(list(tried.values()), nothing)
-  rl = tried["rl.micro_batch_size"].tried
+  (choice,) = plan_lib.largest_micro_batches(config, nothing, mesh, fields=rl_only)
+  assert choice.value is None and sorted(choice.tried) == [0, 1, 2, 4]  # every size compiled
+  assert "rl.micro_batch_size: none fits" in plan_lib.format_choices([choice], nothing)
+  rl = choice.tried
   smallest = min(rl.values())
   assert smallest < rl[0]  # micro-batches lower the peak of the RLSO steps
   expected = next(size for size in (0, 4, 2, 1) if rl[size] <= smallest)
   fake = flops.Chip("fake", 1.0, smallest / plan_lib.GiB / plan_lib.HEADROOM)
-  choice = plan_lib.largest_micro_batches(config, fake, mesh)[0]
-  assert choice.field == "rl.micro_batch_size" and choice.value == expected != 0
-  assert choice.tried[expected] == smallest
-  text = plan_lib.format_choices([choice], fake)
-  assert f"--config.rl.micro_batch_size={expected}" in text
+  (choice,) = plan_lib.largest_micro_batches(config, fake, mesh, fields=rl_only)
+  assert choice.value == expected != 0 and choice.tried[expected] == smallest
+  assert f"--config.rl.micro_batch_size={expected}" in plan_lib.format_choices([choice], fake)

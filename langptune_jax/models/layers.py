@@ -142,7 +142,9 @@ def _recompute_after_cotangent(pure: Callable) -> Callable:
   """
   def forward(state, *args):
     # The layer's weights are gathered once its input exists, not all at the start.
-    return pure(_after(state, args[:1]), *args)
+    if _weights_sharded():
+      state = _after(state, args[:1])
+    return pure(state, *args)
 
   @jax.custom_vjp
   def call(*primals):
@@ -162,12 +164,15 @@ def _recompute_after_cotangent(pure: Callable) -> Callable:
 
 
 def _after(tree, other):
-  """`tree` unchanged in value, but computed after `other` (a true data dependency).
+  """`tree` unchanged in value, but computed after `other`.
 
-  XLA:CPU drops optimization barriers before it schedules; adding zero times one
-  element of `other` orders the work there too (NaN only if `other` is already
-  non-finite).
+  On TPU/GPU an optimization barrier does this. XLA:CPU drops barriers before
+  it schedules, so there (where `plan` compiles) a true data dependency
+  stands in: zero times one element of `other`, added to every float leaf
+  (NaN only if `other` is already non-finite).
   """
+  if jax.default_backend() != "cpu":
+    return jax.lax.optimization_barrier((tree, other))[0]
   leaves = [x for x in jax.tree.leaves(other) if jnp.issubdtype(x.dtype, jnp.floating)]
   if not leaves:
     return tree
@@ -179,3 +184,22 @@ def _after(tree, other):
     return x + zero.astype(x.dtype)
 
   return jax.tree.map(tie, tree)
+
+
+def ordered_call(fn: Callable, module: nnx.Module, *args):
+  """``fn(module, *args)`` with the module's weights read only once ``args[0]`` exists.
+
+  With sharded weights this keeps XLA from gathering (or hoisting out of a
+  loop) every layer's weights at once: each layer's are gathered when its
+  input arrives, so one layer's full weights are live at a time.
+  """
+  if not _weights_sharded():
+    return fn(module, *args)
+  graphdef, state = nnx.split(module)
+  return fn(nnx.merge(graphdef, _after(state, args[:1])), *args)
+
+
+def _weights_sharded() -> bool:
+  """Whether the trace runs on a multi-device mesh (where weights may need gathering)."""
+  active = parallel.active_mesh()
+  return active is not None and active[0].size > 1
