@@ -220,7 +220,8 @@ def worker_torch(args) -> dict:
     loss.backward()
     optimizer.step()
 
-  out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()}
+  out = {"device": (torch.cuda.get_device_name() if device.type == "cuda"
+                    else f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)")}
   out["rlso_s"] = _median_time(rlso_step, args.reps, sync)
 
   prompts = torch.as_tensor(data["rollout"], device=device).long()
@@ -279,9 +280,13 @@ def _table(args, ours: dict, torch_: dict) -> str:
            f"{args.group}, {args.prompt_len} + {args.response_len} tokens; CL {args.cl_rows} "
            f"pairs x {args.cl_len}; rollout {args.rollout_rows} x {args.response_len} tokens; "
            f"median of {args.reps} calls. Peak {peak or 'unknown'} TFLOP/s, HBM "
-           f"{bandwidth or 'unknown'} GB/s per device.", "",
-           "| step | ours s | ours MFU | torch s | torch MFU | torch / ours |",
-           "|---|---|---|---|---|---|"]
+           f"{bandwidth or 'unknown'} GB/s per device.", ""]
+  if args.quick:
+    lines += ["The CPU `--quick` smoke run: tiny random models, no peak FLOP/s or HBM bandwidth for "
+              "a CPU (so no MFU or roofline); it shows the script runs end to end, not the "
+              "accelerator numbers.", ""]
+  lines += ["| step | ours s | ours MFU | torch s | torch MFU | torch / ours |",
+            "|---|---|---|---|---|---|"]
   rows = [("RLSO pass (shared prompt)", ours["rlso_s"], shared["rlso"], "rlso"),
           ("RLSO pass (unshared)", ours["rlso_unshared_s"], unshared["rlso"], "rlso"),
           ("CL step", ours["cl_s"], shared["cl"], "cl")]
@@ -336,7 +341,8 @@ def main(argv=None):
                      "")
   table = _table(args, ours, theirs)
   print(table)
-  common.write_results(args.out, table, {"args": vars(args), "ours": ours, "torch": theirs})
+  settings = {k: v for k, v in vars(args).items() if k not in ("out", "worker")}
+  common.write_results(args.out, table, {"args": settings, "ours": ours, "torch": theirs})
 
 
 def _chips():
