@@ -12,7 +12,11 @@ and the catalogue embedding. It prints, per device:
 * per step: the KV cache (analytic), XLA's temporaries and the step's other
   inputs/outputs (from ``compiled.memory_analysis()``), and the total;
 * for each chip (v4, v5e, v5p, v6e, A100, H100, H200): whether the largest
-  total fits its HBM with 10% headroom.
+  total fits its HBM with 10% headroom;
+* with ``--processes=N`` (or ``distributed.num_processes``) on a multi-host
+  mesh: the resident and peak bytes of each host's devices together;
+* with ``--chip=v5e``: the largest ``rl.micro_batch_size`` and
+  ``cl.micro_batch_size`` whose steps fit that chip (each size compiled).
 
 To plan a mesh larger than the machine, run on CPU with emulated devices,
 e.g. ``JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=16``.
