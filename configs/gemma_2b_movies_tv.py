@@ -52,8 +52,8 @@ def get_config(domain: str = "movies_tv"):
   c.rl.prompts_per_update = 64
   c.rl.num_generations = 2
   c.rl.num_ppo_epochs = 4
-  # 8 prompts (16 sequences) per micro-batch: with full remat the update fits a 16 GiB
-  # v5e chip (`langptune-jax plan --chip=v5e`); the gradient is that of the whole batch.
+  # 8 prompts (16 sequences) per micro-batch bounds the update's activations
+  # (`langptune-jax plan --chip=v5e` finds the largest that fits); the same gradient.
   c.rl.micro_batch_size = 8
   c.rl.response_length = 512
   c.rl.whiten_chunk = 32  # 16 prompts x 2 samples per GPU
@@ -70,8 +70,7 @@ def get_config(domain: str = "movies_tv"):
   c.eval.final_split = "test"
   c.train.num_iterations = 5
   # Fully sharded (weights, rank-1024 adapters and AdamW state split over every
-  # chip): `langptune-jax plan` puts this at 1.9 GiB resident per v5e-16 chip and
-  # 12.6 GiB at the peak (the rollout), within a v5e's 16 GiB.
+  # chip): `langptune-jax plan` puts this at 1.9 GiB resident per v5e-16 chip.
   c.mesh.data = 1
   c.mesh.fsdp = -1
   return c

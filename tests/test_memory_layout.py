@@ -1,8 +1,8 @@
 """Memory-bounding pieces of the training passes compute the plain update.
 
-Full remat (recompute each block once its cotangent arrives) and the output
-head taken a chunk of positions at a time must give the values and gradients
-of the plain model: float32, within 1e-5.
+Full remat (each block recomputed in the backward pass) and the output head
+taken a chunk of positions at a time must give the values and gradients of
+the plain model: float32, within 1e-5.
 """
 
 import jax

@@ -433,7 +433,7 @@ class Decoder(nnx.Module):
     c = self.config
     x = self.embed(tokens)
     end_index = cache["end_index"] if cache is not None else None
-    run = functools.partial(layers.ordered_call, _run_block)
+    run = _run_block
     if c.remat != "none" and cache is None:
       # Recomputation only pays off when gradients flow: never while decoding.
       policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable if c.remat == "dots"
