@@ -204,16 +204,17 @@ class Chip:
   name: str
   peak_tflops: float  # dense bf16 per chip
   hbm_gib: float  # memory per chip (per device as JAX sees it)
+  hbm_gbps: float = 0.0  # memory bandwidth per chip, GB/s (the decode roofline); 0: unknown
 
 
 CHIPS: dict[str, Chip] = {
-    "v4": Chip("v4", 275.0, 32.0),
-    "v5e": Chip("v5e", 197.0, 16.0),
-    "v5p": Chip("v5p", 459.0, 95.0),
-    "v6e": Chip("v6e", 918.0, 32.0),
-    "a100": Chip("A100", 312.0, 80.0),
-    "h100": Chip("H100", 989.0, 80.0),
-    "h200": Chip("H200", 989.0, 141.0),
+    "v4": Chip("v4", 275.0, 32.0, 1200.0),
+    "v5e": Chip("v5e", 197.0, 16.0, 819.0),
+    "v5p": Chip("v5p", 459.0, 95.0, 2765.0),
+    "v6e": Chip("v6e", 918.0, 32.0, 1640.0),
+    "a100": Chip("A100", 312.0, 80.0, 2039.0),
+    "h100": Chip("H100", 989.0, 80.0, 3350.0),
+    "h200": Chip("H200", 989.0, 141.0, 4800.0),
 }
 
 # Substrings of `jax.Device.device_kind` -> chip key; the first match wins, so

@@ -45,6 +45,12 @@ def _define_flags() -> None:
       "overwrite", False, "export: replace a non-empty <workdir>/export folder.")
   from langptune_jax.serve import flags as serve_flags  # --user, --history, --profile, --format
   serve_flags.define()
+  _FLAGS["chip"] = flags.DEFINE_string(
+      "chip", "", "plan: also the largest rl/cl micro-batch that fits this chip (v4, v5e, v5p, "
+      "v6e, A100, H100, H200).")
+  _FLAGS["processes"] = flags.DEFINE_integer(
+      "processes", 0, "plan: hosts the mesh spans, for per-host totals (0: "
+      "distributed.num_processes, else this run's process count).")
 
 
 PROG = "langptune-jax"

@@ -12,7 +12,11 @@ and the catalogue embedding. It prints, per device:
 * per step: the KV cache (analytic), XLA's temporaries and the step's other
   inputs/outputs (from ``compiled.memory_analysis()``), and the total;
 * for each chip (v4, v5e, v5p, v6e, A100, H100, H200): whether the largest
-  total fits its HBM with 10% headroom.
+  total fits its HBM with 10% headroom;
+* with ``--processes=N`` (or ``distributed.num_processes``) on a multi-host
+  mesh: the resident and peak bytes of each host's devices together;
+* with ``--chip=v5e``: the largest ``rl.micro_batch_size`` and
+  ``cl.micro_batch_size`` whose steps fit that chip (each size compiled).
 
 To plan a mesh larger than the machine, run on CPU with emulated devices,
 e.g. ``JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=16``.
@@ -35,9 +39,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from langptune_jax import fs, parallel
+from langptune_jax import flops, fs, parallel
 from langptune_jax.models import presets, transformer
-from langptune_jax.plan_report import GiB, Plan, StepPlan  # noqa: F401  (GiB: public)
+from langptune_jax.plan_report import HEADROOM, GiB, Plan, StepPlan  # noqa: F401  (GiB: public)
 
 # --- per-device bytes ----------------------------------------------------------
 
@@ -151,6 +155,20 @@ def _split_state_bytes(m: AbstractModel) -> tuple[int, int, int]:
   return frozen, trainable, opt
 
 
+def lora_notes(config, m: AbstractModel) -> list[str]:
+  """Where the set-up (train.setup.add_adapters) put the encoder's adapters, from its state."""
+  if config.encoder.training != "lora":
+    return []
+  from langptune_jax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  paths = [path[1:] for path in dict(nnx.to_flat_state(m.state)) if path[0] == 0]
+  sites = lora_lib.adapter_sites(paths)
+  notes = [f"LoRA r={config.lora.rank} on {len(sites)} layers"]
+  if "head_lora" in sites:
+    notes[0] += ("; the encoder ties its embeddings, so the lm_head adapter acts on the output "
+                 "head only (the input embedding lookup is unchanged)")
+  return notes
+
+
 # --- compiling the steps ---------------------------------------------------------
 
 def _batch(mesh, rules, shape, dtype) -> jax.ShapeDtypeStruct:
@@ -241,17 +259,31 @@ def step_functions(s) -> dict[str, Callable]:
           "embed": s.steps.embed}
 
 
+def num_processes(config, mesh, processes: int | None = None) -> int:
+  """Hosts the mesh spans: `processes`, else distributed.num_processes, else JAX's count."""
+  n = int(processes or 0) or int(config.get("distributed", {}).get("num_processes", 0) or 0)
+  n = n or jax.process_count()
+  if n < 1 or mesh.size % n:
+    raise ValueError(f"plan: {n} processes do not split the mesh's {mesh.size} devices evenly "
+                     "(set --processes or distributed.num_processes to a divisor)")
+  return n
+
+
 def plan_config(config, mesh=None, *, compile_steps: bool = True,
-                log: Callable[[str], Any] = logging.info) -> Plan:
+                log: Callable[[str], Any] = logging.info, processes: int | None = None,
+                only: tuple[str, ...] = ()) -> Plan:
   """Builds the memory plan of `config` on `mesh` (default: from config.mesh and all devices).
 
   With ``compile_steps=False`` only the analytic parts are computed (state,
-  KV cache, batches): fast, but without XLA's temporaries.
+  KV cache, batches): fast, but without XLA's temporaries. `processes` (else
+  ``distributed.num_processes``, else JAX's process count) adds per-host
+  totals; `only` names the steps to compile (default: all).
   """
   from langptune_jax import sampling  # pylint: disable=g-import-not-at-top
 
   rules = parallel.rules_from_config(config.mesh.get("rules", None))
   mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
+  hosts = num_processes(config, mesh, processes)
   dp = parallel.data_parallel_size(mesh, rules)
   s = abstract_setup(config, mesh, rules)
   enc, dec = _models(s)
@@ -275,9 +307,7 @@ def plan_config(config, mesh=None, *, compile_steps: bool = True,
   if s.reference.state is not None:
     ref_bytes = _struct_bytes(s.reference.state)
     resident["reference copy (frozen)"] = ref_bytes
-  if (config.encoder.training == "lora" and "lm_head" in tuple(config.lora.targets)
-      and ecfg.tie_embeddings):
-    notes.append("lora.targets has lm_head but the encoder ties its embeddings: no adapter there")
+  notes += lora_notes(config, enc)
   state_bytes_enc = enc_frozen + enc_train + enc_opt
   state_bytes_dec = dec_frozen + dec_train + dec_opt
 
@@ -311,12 +341,14 @@ def plan_config(config, mesh=None, *, compile_steps: bool = True,
   resident_in = {"sample": state_bytes_enc, "rlso/logprobs": state_bytes_enc + ref_bytes,
                  "rlso/update": state_bytes_enc, "cl/update": state_bytes_dec,
                  "embed": state_bytes_dec}
+  steps = [step for step in steps if not only or step.name in only]
   for step in steps:
     fn, step_args = functions[step.name], args[step.name]
     _compile(step, lambda: fn.lower(*step_args), resident_in[step.name], compile_steps, log)
   rollout = steps[0]
   # XLA's analysis counts the cache among the temporaries; keep the columns apart.
-  if rollout.temporaries is not None and rollout.temporaries >= kv:
+  if (rollout.name == "sample" and rollout.temporaries is not None
+      and rollout.temporaries >= kv):
     rollout.temporaries -= kv
     rollout.io += kv
 
@@ -331,20 +363,117 @@ def plan_config(config, mesh=None, *, compile_steps: bool = True,
       f"prompt {p_len} + response {n_new}; CL batch {cl_rows}; data-parallel {dp}",
   ]
   return Plan(mesh=dict(mesh.shape), num_devices=mesh.size, backend=jax.default_backend(),
-              models=models, resident=resident, steps=steps, notes=notes)
+              models=models, resident=resident, steps=steps, notes=notes, processes=hosts)
+
+
+# --- the largest micro-batch for a chip -------------------------------------------
+
+# Micro-batch field -> (batch field, rows per unit, the steps whose memory it bounds).
+MICRO_BATCHES = {
+    "rl.micro_batch_size": ("rl.prompts_per_update", "rl.num_generations",
+                            ("rlso/logprobs", "rlso/update")),
+    "cl.micro_batch_size": ("cl.batch_size", None, ("cl/update",)),
+}
+
+
+def _field(config, dotted: str):
+  section, name = dotted.split(".")
+  return config[section][name]
+
+
+def micro_batch_candidates(batch: int, per_unit: int, dp: int) -> list[int]:
+  """Valid micro-batch sizes, largest first: 0 (the whole batch), then divisors of `batch`
+  whose rows (x `per_unit`) split evenly over `dp` devices (the config's rule)."""
+  sizes = [m for m in range(batch - 1, 0, -1) if batch % m == 0 and (m * per_unit) % dp == 0]
+  return [0] + sizes
+
+
+@dataclasses.dataclass
+class MicroBatchChoice:
+  field: str
+  value: int | None  # None: not even the smallest fits
+  total: int  # peak bytes per device with it (of the steps it bounds), or of the smallest tried
+  tried: dict[int, int]  # size -> peak bytes per device
+
+
+def largest_micro_batches(config, chip: flops.Chip, mesh=None, *,
+                          log: Callable[[str], Any] = logging.info,
+                          headroom: float = HEADROOM,
+                          fields: tuple[str, ...] = tuple(MICRO_BATCHES)) -> list[MicroBatchChoice]:
+  """For each micro-batch field, the largest size whose steps fit `chip` (compiled, per device).
+
+  Sizes are tried from the largest down; each try compiles the steps that
+  size bounds. The resident state does not depend on it.
+  """
+  rules = parallel.rules_from_config(config.mesh.get("rules", None))
+  mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
+  dp = parallel.data_parallel_size(mesh, rules)
+  budget = chip.hbm_gib * GiB * headroom
+  choices = []
+  for field in fields:
+    batch_field, per_unit_field, names = MICRO_BATCHES[field]
+    per_unit = int(_field(config, per_unit_field)) if per_unit_field else 1
+    batch = int(_field(config, batch_field))
+    tried: dict[int, int] = {}
+    choice = MicroBatchChoice(field, None, 0, tried)
+    for size in micro_batch_candidates(batch, per_unit, dp):
+      trial = config.copy_and_resolve_references()
+      section, name = field.split(".")
+      trial[section][name] = size
+      p = plan_config(trial, mesh, log=log, only=names, processes=1)
+      failed = [s.name for s in p.steps if s.error]
+      total = p.peak_bytes if not failed else None
+      log(f"plan: {field}={size}: " + (f"{total / GiB:.3f} GiB per device" if total is not None
+                                       else f"failed to compile {failed}"))
+      if total is None:
+        continue
+      tried[size] = choice.total = total
+      if total <= budget:
+        choice.value = size
+        break
+    choices.append(choice)
+  return choices
+
+
+def format_choices(choices: list[MicroBatchChoice], chip: flops.Chip,
+                   headroom: float = HEADROOM) -> str:
+  lines = [f"largest micro-batches that fit {chip.name} ({chip.hbm_gib:g} GiB, "
+           f"{headroom:.0%} usable):"]
+  for c in choices:
+    if c.value is None:
+      lines.append(f"  {c.field}: none fits (smallest tried: {c.total / GiB:.3f} GiB)")
+    else:
+      what = "the whole batch" if c.value == 0 else str(c.value)
+      lines.append(f"  --config.{c.field}={c.value}  ({what}: {c.total / GiB:.3f} GiB "
+                   "per device)")
+  return "\n".join(lines)
 
 
 def _write_atomic(path, text: str) -> None:
   fs.write_text(path, text)
 
 
-def run(config, workdir) -> int:
+def _flag(name: str):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  return flags.FLAGS[name].value if name in flags.FLAGS and flags.FLAGS.is_parsed() else None
+
+
+def run(config, workdir, *, chip: str | None = None, processes: int | None = None) -> int:
   """CLI: prints the plan and writes plan.txt / plan.json into `workdir`.
 
+  With `chip` (``--chip``) also the largest micro-batches that fit it.
   Returns 0 when every step compiled, 1 when some step failed to compile.
   """
-  plan = plan_config(config, log=lambda line: print(line, file=sys.stderr, flush=True))
+  chip = chip if chip is not None else _flag("chip")
+  processes = processes if processes is not None else _flag("processes")
+  target = flops.chip(chip) if chip else None  # an unknown name fails before compiling
+  log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+  plan = plan_config(config, log=log, processes=processes)
   text = plan.format()
+  if target is not None:
+    choices = largest_micro_batches(config, target, log=log)
+    text += "\n\n" + format_choices(choices, target)
+    plan.micro_batches = {c.field: c.value for c in choices}
   print(text)
   if workdir:
     workdir = fs.as_path(workdir)

@@ -39,6 +39,8 @@ class Plan:
   resident: dict[str, int]  # per-device bytes of state that lives through training
   steps: list[StepPlan]
   notes: list[str] = dataclasses.field(default_factory=list)
+  processes: int = 1  # hosts the mesh spans; each holds num_devices / processes devices
+  micro_batches: dict[str, int | None] = dataclasses.field(default_factory=dict)  # --chip
 
   @property
   def resident_bytes(self) -> int:
@@ -56,6 +58,14 @@ class Plan:
     ok = [s for s in self.steps if s.error is None]
     return max(ok, key=self.total).name if ok else "-"
 
+  @property
+  def devices_per_host(self) -> int:
+    return self.num_devices // self.processes
+
+  def per_host(self, per_device: int) -> int:
+    """Accelerator memory of one host's devices together."""
+    return per_device * self.devices_per_host
+
   def fits(self, chip: flops.Chip, headroom: float = HEADROOM) -> bool:
     return self.peak_bytes <= chip.hbm_gib * GiB * headroom
 
@@ -66,7 +76,11 @@ class Plan:
             "steps": [dict(dataclasses.asdict(s), total=self.total(s)) for s in self.steps],
             "peak_bytes": self.peak_bytes, "peak_step": self.peak_step,
             "fits": {flops.CHIPS[c].name: self.fits(flops.CHIPS[c]) for c in VERDICT_CHIPS},
-            "headroom": HEADROOM, "notes": self.notes}
+            "headroom": HEADROOM, "notes": self.notes, "processes": self.processes,
+            "devices_per_host": self.devices_per_host,
+            "per_host": {"resident_bytes": self.per_host(self.resident_bytes),
+                         "peak_bytes": self.per_host(self.peak_bytes)},
+            "micro_batches": self.micro_batches}
 
   def format(self) -> str:
     mesh = " x ".join(f"{a}={s}" for a, s in self.mesh.items())
@@ -90,6 +104,10 @@ class Plan:
                    f"{_gib(max(s.io - s.kv_cache, 0)):>10s} {_gib(self.total(s)):>10s}")
     lines.append("")
     lines.append(f"peak per device: {_gib(self.peak_bytes)} ({self.peak_step})")
+    if self.processes > 1:
+      lines.append(f"per host ({self.processes} hosts x {self.devices_per_host} devices): "
+                   f"resident {_gib(self.per_host(self.resident_bytes))}, "
+                   f"peak {_gib(self.per_host(self.peak_bytes))} ({self.peak_step})")
     partial = any(s.temporaries is None for s in self.steps if s.error is None)
     for key in VERDICT_CHIPS:
       chip = flops.CHIPS[key]

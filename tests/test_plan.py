@@ -116,3 +116,69 @@ def test_model_dimensions_from_presets_and_paths(minilm_dir):
     presets.decoder_config("gpt5")
   with pytest.raises(ValueError, match="decoder.preset is empty and decoder.path=''"):
     presets.bert_config("", "")
+
+
+def test_lora_report_names_the_adapters_training_adds():
+  """tiny-llama ties its embeddings: the plan and training both adapt the output head."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from langptune_jax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  from langptune_jax.models import transformer  # pylint: disable=g-import-not-at-top
+  from langptune_jax.train import setup  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  assert "lm_head" in config.lora.targets
+  mesh = _mesh(2, fsdp=2)
+  abstract = plan_lib.encoder_model(config, mesh)
+  assert abstract.config.tie_embeddings
+  real = setup.add_adapters(transformer.Decoder(abstract.config, rngs=nnx.Rngs(0)), config, 0)
+  real_sites = lora_lib.adapter_sites(dict(nnx.to_flat_state(nnx.state(real))))
+  assert "head_lora" in real_sites and len(real_sites) == 2 * 7 + 1  # 2 blocks x 7 linears
+  planned = plan_lib.lora_notes(config, abstract)
+  assert planned == [f"LoRA r={config.lora.rank} on {len(real_sites)} layers; the encoder ties "
+                     "its embeddings, so the lm_head adapter acts on the output head only (the "
+                     "input embedding lookup is unchanged)"]
+  assert abstract.trainable_params == sum(
+      x.size for x in jax.tree.leaves(nnx.state(real, nnx.LoRAParam)))
+  text = plan_lib.plan_config(config, mesh, compile_steps=False).format()
+  assert "no adapter there" not in text and "lm_head adapter acts on the output head" in text
+
+
+def test_per_host_memory_of_a_multi_host_mesh():
+  config = tiny_config()
+  mesh = _mesh(8, fsdp=4, tensor=2)
+  one = plan_lib.plan_config(config, mesh, compile_steps=False, processes=1)
+  two = plan_lib.plan_config(config, mesh, compile_steps=False, processes=2)
+  assert two.peak_bytes == one.peak_bytes  # per device: the same mesh
+  assert two.devices_per_host == 4
+  report = two.to_dict()
+  assert report["per_host"]["peak_bytes"] == 4 * two.peak_bytes
+  assert report["per_host"]["resident_bytes"] == 4 * two.resident_bytes
+  assert "per host (2 hosts x 4 devices)" in two.format()
+  assert "per host" not in one.format()
+  config.distributed.num_processes = 4  # the multi-host config's own count
+  assert plan_lib.plan_config(config, mesh, compile_steps=False).devices_per_host == 2
+  with pytest.raises(ValueError, match="3 processes do not split the mesh's 8 devices"):
+    plan_lib.plan_config(config, mesh, compile_steps=False, processes=3)
+
+
+def test_chip_gets_the_largest_micro_batch_that_fits():
+  config = tiny_config()
+  mesh = _mesh(2, fsdp=2)
+  assert plan_lib.micro_batch_candidates(8, 2, 2) == [0, 4, 2, 1]
+  assert plan_lib.micro_batch_candidates(8, 1, 2) == [0, 4, 2]
+  roomy = plan_lib.largest_micro_batches(config, flops.chip("h200"), mesh)
+  assert [(c.field, c.value, list(c.tried)) for c in roomy] == [
+      ("rl.micro_batch_size", 0, [0]), ("cl.micro_batch_size", 0, [0])]  # the whole batch fits
+  rl_only = ("rl.micro_batch_size",)
+  nothing = flops.Chip("fake", 1.0, 1e-6)
+  (choice,) = plan_lib.largest_micro_batches(config, nothing, mesh, fields=rl_only)
+  assert choice.value is None and sorted(choice.tried) == [0, 1, 2, 4]  # every size compiled
+  assert "rl.micro_batch_size: none fits" in plan_lib.format_choices([choice], nothing)
+  rl = choice.tried
+  smallest = min(rl.values())
+  assert smallest < rl[0]  # micro-batches lower the peak of the RLSO steps
+  expected = next(size for size in (0, 4, 2, 1) if rl[size] <= smallest)
+  fake = flops.Chip("fake", 1.0, smallest / plan_lib.GiB / plan_lib.HEADROOM)
+  (choice,) = plan_lib.largest_micro_batches(config, fake, mesh, fields=rl_only)
+  assert choice.value == expected != 0 and choice.tried[expected] == smallest
+  assert f"--config.rl.micro_batch_size={expected}" in plan_lib.format_choices([choice], fake)

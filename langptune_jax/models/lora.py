@@ -177,6 +177,21 @@ def apply_lora(model: nnx.Module, *,
   return adapted
 
 
+def adapter_sites(paths) -> list[str]:
+  """'/'-joined paths of the layers holding an adapter, from a model's state paths.
+
+  `paths`: the keys of ``nnx.to_flat_state(nnx.state(model))`` (shapes suffice).
+  The names are those :func:`apply_lora` returns, so a report built from shapes
+  alone states what training adapts (``head_lora``: the tied output head's).
+  """
+  sites = []
+  for path in paths:
+    names = [str(p) for p in path]
+    if names and names[-1] == "lora_a":
+      sites.append("/".join(names[:-2] if names[-2:-1] == ["lora"] else names[:-1]))
+  return sites
+
+
 def merge_lora(model: nnx.Module) -> int:
   """Folds every adapter into its dense kernel and removes it, in place.
 

@@ -87,7 +87,11 @@ def rlso_loss_and_grads(model: nnx.Module, wrt, batch: dict, settings: RLSOSetti
   rows = batch["prompt_tokens"].shape[0]
   num_micro = _num_micro(rows, settings)
 
-  def micro_loss(params, mb):
+  def micro_loss(params, mb, rest=rest):
+    if num_micro > 1:
+      # Ties the weights to this micro-batch: XLA then gathers each sharded weight
+      # where a layer uses it instead of hoisting every gathered weight out of the loop.
+      params, rest, mb = jax.lax.optimization_barrier((params, rest, mb))
     policy = nnx.merge(graphdef, params, rest)
     logp_new, entropy = settings.sequence_logprobs()(
         policy, mb["prompt_tokens"], mb["prompt_mask"], mb["response_tokens"],
