@@ -38,7 +38,7 @@ def get_config(domain: str = "movies_tv"):
   c.decoder.family = "bert"
   c.decoder.pooling = "cls"
   c.decoder.dtype = "bfloat16"
-  c.decoder.remat = True  # recompute each block in the CL backward pass: bounds its activations
+  c.decoder.remat = "full"  # recompute each block in the CL backward pass: bounds its activations
 
   # 4 devices x 16 prompts x 2 samples per RL update; CL batch 32 per device.
   c.encoder.lora_init = "peft"

@@ -245,6 +245,8 @@ class DistributedSettings:
   coordinator_address: str
   num_processes: int
   process_id: int
+  heartbeat_timeout_seconds: int
+  initialization_timeout_seconds: int
 
 
 @dataclasses.dataclass(frozen=True)
