@@ -57,7 +57,7 @@ def load(folder: pathlib.Path, expected: str) -> np.ndarray | None:
 
 def save(folder: pathlib.Path, embeddings: np.ndarray, digest: str) -> None:
   """Writes the embeddings, then the fingerprint (last, so a torn write never matches)."""
-  folder.mkdir(parents=True, exist_ok=True)
+  fs.makedirs(folder)
   if (folder / _META).exists():
     (folder / _META).unlink()
   buffer = io.BytesIO()
@@ -99,7 +99,7 @@ def index_trained_run(trainer) -> pathlib.Path | None:
   config, data = trainer.config, trainer.data
   ranker = Ranker(nnx.merge(graphdef, state), trainer.decoder_tokenizer,
                   int(config.data.decoder_max_len))
-  folder = pathlib.Path(trainer.workdir) / INDEX_DIR
+  folder = fs.path(trainer.workdir) / INDEX_DIR  # a bucket address stays one
   digest = fingerprint(ranker.state, data.item_text, ranker.max_len)
   embeddings, _ = load_or_build(folder, digest, ranker.embed_rows, data.item_tokens,
                                 data.item_mask, int(config.decoder.embed_batch_size))
