@@ -171,7 +171,7 @@ def worker_jax(args, shared_prompt: bool = True) -> dict:
                     np.ones_like(w["prompts"], bool), w["history"], w["targets"])
   data = RunData(users, users, users, item_tokens, item_mask, w["item_texts"])
   trainer = loop.Trainer(cfg, str(pathlib.Path(args.tmpdir) / "jax"), data=data, encoder=encoder,
-                         decoder=decoder, encoder_tokenizer=enc_tok, decoder_tokenizer=dec_tok,
+                         decoder=decoder, writer_tokenizer=enc_tok, ranker_tokenizer=dec_tok,
                          mesh=mesh)
   load_s = time.perf_counter() - start
   out = {"load_s": load_s}
@@ -201,7 +201,7 @@ def worker_jax(args, shared_prompt: bool = True) -> dict:
     rows = np.repeat(w["prompts"], args.group, axis=0)
 
     def rollout():
-      res = profiles_lib.generate(trainer.encoder_state.model, rows, np.ones_like(rows, bool),
+      res = profiles_lib.generate(trainer.writer_state.model, rows, np.ones_like(rows, bool),
                                   trainer.sampling, jax.random.key(next(calls)))
       jax.block_until_ready(res.tokens)
       assert int(np.asarray(res.response_mask).sum()) == rows.shape[0] * args.new_tokens
@@ -377,7 +377,7 @@ def worker_cl(args) -> dict:
 
   # Ours: the decoder's train state and CL step, built by the training set-up.
   decoder = embedder_lib.load_embedder("bert", minilm, pooling="mean")
-  wrt = setup_lib.decoder_trainable_filter(decoder, int(cfg.decoder.num_layers_unfrozen))
+  wrt = setup_lib.ranker_trainable_filter(decoder, int(cfg.decoder.num_layers_unfrozen))
   train_state, cl_step = setup_lib.make_cl_training(decoder, wrt, cfg.cl,
                                                     setup_lib.schedule_lengths(cfg)[1], mesh, rules)
   dec_tok = tok_lib.load_tokenizer(minilm)

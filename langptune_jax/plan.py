@@ -40,6 +40,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from langptune_jax import flops, fs, parallel
+from langptune_jax import settings as settings_lib
 from langptune_jax.models import presets, transformer
 from langptune_jax.plan_report import HEADROOM, GiB, Plan, StepPlan  # noqa: F401  (GiB: public)
 
@@ -90,24 +91,22 @@ def model_constructors(config) -> tuple[Callable[[], nnx.Module], Callable[[], n
   """Constructors of the encoder (LLM) and decoder (embedder) from presets or config.json."""
   from langptune_jax.models import bert  # pylint: disable=g-import-not-at-top
   from langptune_jax.models import embedder as embedder_lib  # pylint: disable=g-import-not-at-top
-  e, r = config.encoder, config.decoder
-  ecfg = presets.decoder_config(e.get("preset", ""), e.path, section="encoder",
+  settings = settings_lib.of(config)
+  e, r = settings.encoder, settings.decoder
+  ecfg = presets.decoder_config(e.preset, e.path, section="encoder",
                                 dtype=e.dtype, param_dtype=e.param_dtype, remat=e.remat)
-  remat = r.get("remat", "none")
   if r.family == "bert":
-    rcfg = presets.bert_config(r.get("preset", ""), r.path, dtype=jnp.dtype(r.dtype),
-                               param_dtype=jnp.dtype(r.param_dtype),
-                               remat=remat not in ("none", False, ""))
+    rcfg = presets.bert_config(r.preset, r.path, dtype=jnp.dtype(r.dtype),
+                               param_dtype=jnp.dtype(r.param_dtype), remat=r.remat != "none")
     make_model = lambda: bert.Bert(rcfg, rngs=nnx.Rngs(0))  # noqa: E731
   else:
-    rcfg = presets.decoder_config(r.get("preset", ""), r.path, section="decoder", dtype=r.dtype,
-                                  param_dtype=r.param_dtype,
-                                  remat=remat if isinstance(remat, str) else "none")
+    rcfg = presets.decoder_config(r.preset, r.path, section="decoder", dtype=r.dtype,
+                                  param_dtype=r.param_dtype, remat=r.remat)
     make_model = lambda: transformer.Decoder(rcfg, rngs=nnx.Rngs(0))  # noqa: E731
 
   def make_decoder():
     return embedder_lib.Embedder(make_model(), family=r.family, pooling=r.pooling,
-                                 normalize=bool(r.normalize))
+                                 normalize=r.normalize)
 
   return (lambda: transformer.Decoder(ecfg, rngs=nnx.Rngs(0))), make_decoder
 
@@ -130,12 +129,12 @@ def abstract_setup(config, mesh, rules=parallel.DEFAULT_RULES, *, eos_ids=None,
 def encoder_model(config, mesh, rules=parallel.DEFAULT_RULES) -> AbstractModel:
   """The profile encoder (LLM) with LoRA / partial / full training and its AdamW."""
   s = abstract_setup(config, mesh, rules)
-  return AbstractModel(s.encoder_state, s.encoder_config, s.encoder_trainable, s.encoder_total)
+  return AbstractModel(s.writer_state, s.writer_config, s.writer_trainable, s.writer_total)
 
 
 def _models(s) -> tuple[AbstractModel, AbstractModel]:
-  return (AbstractModel(s.encoder_state, s.encoder_config, s.encoder_trainable, s.encoder_total),
-          AbstractModel(s.decoder_state, s.decoder_config, s.decoder_trainable, s.decoder_total))
+  return (AbstractModel(s.writer_state, s.writer_config, s.writer_trainable, s.writer_total),
+          AbstractModel(s.ranker_state, s.ranker_config, s.ranker_trainable, s.ranker_total))
 
 
 def _split_state_bytes(m: AbstractModel) -> tuple[int, int, int]:
@@ -157,12 +156,13 @@ def _split_state_bytes(m: AbstractModel) -> tuple[int, int, int]:
 
 def lora_notes(config, m: AbstractModel) -> list[str]:
   """Where the set-up (train.setup.add_adapters) put the encoder's adapters, from its state."""
-  if config.encoder.training != "lora":
+  settings = settings_lib.of(config)
+  if settings.encoder.training != "lora":
     return []
   from langptune_jax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
   paths = [path[1:] for path in dict(nnx.to_flat_state(m.state)) if path[0] == 0]
   sites = lora_lib.adapter_sites(paths)
-  notes = [f"LoRA r={config.lora.rank} on {len(sites)} layers"]
+  notes = [f"LoRA r={settings.lora.rank} on {len(sites)} layers"]
   if "head_lora" in sites:
     notes[0] += ("; the encoder ties its embeddings, so the lm_head adapter acts on the output "
                  "head only (the input embedding lookup is unchanged)")
@@ -224,10 +224,11 @@ def step_arguments(config, s, mesh, rules=parallel.DEFAULT_RULES) -> dict[str, t
   width (``data.prompt_max_len``, the sampler buckets them itself); embedder
   masks are int32 as the tokenizer writes them, prompt masks bool.
   """
+  settings = settings_lib.of(config)
   dp = parallel.data_parallel_size(mesh, rules)
-  rows = -(-int(config.rl.prompts_per_update) * int(config.rl.num_generations) // dp) * dp
-  p_len, n_new = int(config.data.prompt_max_len), int(config.rl.response_length)
-  d_len = int(config.data.decoder_max_len)
+  rows = -(-settings.rl.prompts_per_update * settings.rl.num_generations // dp) * dp
+  p_len, n_new = settings.data.prompt_max_len, settings.rl.response_length
+  d_len = settings.data.decoder_max_len
   prompt = {"prompt_tokens": _batch(mesh, rules, (rows, p_len), jnp.int32),
             "prompt_mask": _batch(mesh, rules, (rows, p_len), jnp.bool_)}
   seq = dict(prompt, response_tokens=_batch(mesh, rules, (rows, n_new), jnp.int32),
@@ -236,19 +237,19 @@ def step_arguments(config, s, mesh, rules=parallel.DEFAULT_RULES) -> dict[str, t
   rollout = dict(seq, logp_old=per_row, total_reward=per_row, task_reward=per_row, kl=per_row)
   key = jax.eval_shape(lambda: jax.random.key(0))
   key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
-  cl_rows = -(-int(config.cl.batch_size) // dp) * dp
+  cl_rows = -(-settings.cl.batch_size // dp) * dp
   text = lambda n: (_batch(mesh, rules, (n, d_len), jnp.int32),  # noqa: E731
                     _batch(mesh, rules, (n, d_len), jnp.int32))
   profile, item = text(cl_rows), text(cl_rows)
   cl_batch = {"profile_tokens": profile[0], "profile_mask": profile[1], "item_tokens": item[0],
               "item_mask": item[1], "item_ids": _batch(mesh, rules, (cl_rows,), jnp.int32)}
-  e_rows = -(-int(config.decoder.embed_batch_size) // dp) * dp
+  e_rows = -(-settings.decoder.embed_batch_size // dp) * dp
   return {
-      "sample": (s.encoder_state.state, prompt["prompt_tokens"], prompt["prompt_mask"], key),
-      "rlso/logprobs": (s.encoder_state.state, s.reference, seq),
-      "rlso/update": (s.encoder_state.state, rollout),
-      "cl/update": (s.decoder_state.state, cl_batch),
-      "embed": (s.decoder_state.state, *text(e_rows)),
+      "sample": (s.writer_state.state, prompt["prompt_tokens"], prompt["prompt_mask"], key),
+      "rlso/logprobs": (s.writer_state.state, s.reference, seq),
+      "rlso/update": (s.writer_state.state, rollout),
+      "cl/update": (s.ranker_state.state, cl_batch),
+      "embed": (s.ranker_state.state, *text(e_rows)),
   }
 
 
@@ -261,7 +262,7 @@ def step_functions(s) -> dict[str, Callable]:
 
 def num_processes(config, mesh, processes: int | None = None) -> int:
   """Hosts the mesh spans: `processes`, else distributed.num_processes, else JAX's count."""
-  n = int(processes or 0) or int(config.get("distributed", {}).get("num_processes", 0) or 0)
+  n = int(processes or 0) or settings_lib.of(config).distributed.num_processes
   n = n or jax.process_count()
   if n < 1 or mesh.size % n:
     raise ValueError(f"plan: {n} processes do not split the mesh's {mesh.size} devices evenly "
@@ -281,7 +282,8 @@ def plan_config(config, mesh=None, *, compile_steps: bool = True,
   """
   from langptune_jax import sampling  # pylint: disable=g-import-not-at-top
 
-  rules = parallel.rules_from_config(config.mesh.get("rules", None))
+  config = settings_lib.of(config)
+  rules = parallel.rules_from_config(config.mesh.rules)
   mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
   hosts = num_processes(config, mesh, processes)
   dp = parallel.data_parallel_size(mesh, rules)
@@ -313,15 +315,15 @@ def plan_config(config, mesh=None, *, compile_steps: bool = True,
 
   args = step_arguments(config, s, mesh, rules)
   functions = step_functions(s)
-  g = int(config.rl.num_generations)
+  g = config.rl.num_generations
   rows, p_len = args["sample"][1].shape
-  n_new = int(config.rl.response_length)
-  cache_len = int(config.encoder.cache_size) or (sampling.bucket_length(p_len)
+  n_new = config.rl.response_length
+  cache_len = config.encoder.cache_size or (sampling.bucket_length(p_len)
                                                  + sampling.bucket_length(n_new))
   kv = kv_cache_bytes(ecfg, rows, cache_len, mesh, rules, jnp.dtype(config.encoder.dtype))
-  micro, cl_micro = int(config.rl.micro_batch_size), int(config.cl.micro_batch_size)
+  micro, cl_micro = config.rl.micro_batch_size, config.cl.micro_batch_size
   cl_rows = args["cl/update"][1]["item_ids"].shape[0]
-  d_len = int(config.data.decoder_max_len)
+  d_len = config.data.decoder_max_len
   e_rows = args["embed"][1].shape[0]
   seq_shape = f"{rows} x ({p_len} + {n_new})"
   steps = [
@@ -376,9 +378,15 @@ MICRO_BATCHES = {
 }
 
 
-def _field(config, dotted: str):
+def _field(settings: settings_lib.Settings, dotted: str):
   section, name = dotted.split(".")
-  return config[section][name]
+  return getattr(getattr(settings, section), name)
+
+
+def _with_field(settings: settings_lib.Settings, dotted: str, value) -> settings_lib.Settings:
+  section, name = dotted.split(".")
+  changed = dataclasses.replace(getattr(settings, section), **{name: value})
+  return dataclasses.replace(settings, **{section: changed})
 
 
 def micro_batch_candidates(batch: int, per_unit: int, dp: int) -> list[int]:
@@ -405,22 +413,20 @@ def largest_micro_batches(config, chip: flops.Chip, mesh=None, *,
   Sizes are tried from the largest down; each try compiles the steps that
   size bounds. The resident state does not depend on it.
   """
-  rules = parallel.rules_from_config(config.mesh.get("rules", None))
+  config = settings_lib.of(config)
+  rules = parallel.rules_from_config(config.mesh.rules)
   mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
   dp = parallel.data_parallel_size(mesh, rules)
   budget = chip.hbm_gib * GiB * headroom
   choices = []
   for field in fields:
     batch_field, per_unit_field, names = MICRO_BATCHES[field]
-    per_unit = int(_field(config, per_unit_field)) if per_unit_field else 1
-    batch = int(_field(config, batch_field))
+    per_unit = _field(config, per_unit_field) if per_unit_field else 1
+    batch = _field(config, batch_field)
     tried: dict[int, int] = {}
     choice = MicroBatchChoice(field, None, 0, tried)
     for size in micro_batch_candidates(batch, per_unit, dp):
-      trial = config.copy_and_resolve_references()
-      section, name = field.split(".")
-      trial[section][name] = size
-      p = plan_config(trial, mesh, log=log, only=names, processes=1)
+      p = plan_config(_with_field(config, field, size), mesh, log=log, only=names, processes=1)
       failed = [s.name for s in p.steps if s.error]
       total = p.peak_bytes if not failed else None
       log(f"plan: {field}={size}: " + (f"{total / GiB:.3f} GiB per device" if total is not None

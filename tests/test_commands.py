@@ -76,7 +76,7 @@ def test_cl_phase_trains_on_train_cl_users_profiles(trained):
   assert stopped["position"]["phase"] == "cl", stopped["position"]
   # The CL phase wrote (and checkpointed) profiles for exactly train.cl_users users.
   assert len(stopped["profiles"].texts) == CL_USERS
-  assert stopped["profiles"].decoder_tokens.shape[0] == CL_USERS
+  assert stopped["profiles"].ranker_tokens.shape[0] == CL_USERS
 
 
 def test_resumed_run_finishes_with_both_evaluations(trained):
@@ -115,10 +115,10 @@ def test_export_matches_the_trained_models(trained):
     positions = np.maximum(np.cumsum(mask, -1) - 1, 0)  # left padding
     causal = np.tril(np.ones((tokens.shape[1],) * 2, bool))[None] & mask[:, None, :]
     with parallel.use_mesh(trainer.mesh, trainer.rules):
-      ours, _ = trainer.encoder_state.model(jnp.asarray(tokens), jnp.asarray(positions),
+      ours, _ = trainer.writer_state.model(jnp.asarray(tokens), jnp.asarray(positions),
                                             jnp.asarray(causal))
       item_tokens, item_mask = trainer.data.item_tokens[:4], trainer.data.item_mask[:4]
-      our_items = trainer.decoder_state.model(jnp.asarray(item_tokens), jnp.asarray(item_mask))
+      our_items = trainer.ranker_state.model(jnp.asarray(item_tokens), jnp.asarray(item_mask))
   finally:
     trainer.close()
 

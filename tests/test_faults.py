@@ -63,12 +63,12 @@ def make_trainer(cfg, workdir):
   mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
   return loop.Trainer(cfg, str(workdir), data=planted.planted_data(tok),
                       encoder=planted.tiny_encoder(len(tok)), decoder=planted.tiny_decoder(len(tok)),
-                      encoder_tokenizer=tok, decoder_tokenizer=tok, mesh=mesh)
+                      writer_tokenizer=tok, ranker_tokenizer=tok, mesh=mesh)
 
 
 def params(trainer):
-  return {"encoder": trainer.encoder_state.trainable_state()["params"],
-          "decoder": trainer.decoder_state.trainable_state()["params"]}
+  return {"encoder": trainer.writer_state.trainable_state()["params"],
+          "decoder": trainer.ranker_state.trainable_state()["params"]}
 
 
 @pytest.fixture(scope="module")

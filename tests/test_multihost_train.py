@@ -10,7 +10,12 @@ prepared once. One module-scoped fixture runs, each as its own command:
   straight  the same config as 1 process x 8 devices;
   resumed   `two`'s run directory as it was after its first iteration (later
             checkpoints removed), continued by 1 process x 8 devices: the
-            checkpoint changes topology on restore.
+            checkpoint changes topology on restore;
+  resumed_on_2  the same, continued by 1 process x 2 devices.
+
+A second pair of 2-process runs (one iteration, 4 RL updates) gets SIGTERM on both
+processes in its RL phase: both exit 0 at one step boundary, and the resumed run ends
+where an uninterrupted 2-process run does.
 
 Parameters and optimizer moments are read from the last checkpoint of each run,
 metrics (evaluations and per-step training scalars) from the loop state saved
@@ -21,9 +26,11 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -122,23 +129,27 @@ def _start(argv, env) -> subprocess.Popen:
                           stderr=subprocess.STDOUT, text=True)
 
 
-def train_two_processes(config, workdir, *flags) -> list[str]:
+def start_two_processes(config, workdir, *flags) -> list[subprocess.Popen]:
   port = _free_port()
-  procs = [_start(_command("train", config, workdir, "--config.distributed.initialize=true",
-                           *flags),
-                  _env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
-                       JAX_PROCESS_ID=str(pid)))
-           for pid in range(2)]
-  return _wait(procs, "2-process train")
+  return [_start(_command("train", config, workdir, "--config.distributed.initialize=true",
+                          *flags),
+                 _env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                      JAX_PROCESS_ID=str(pid)))
+          for pid in range(2)]
 
 
-def train_one_process(config, workdir, *flags) -> str:
-  return _wait([_start(_command("train", config, workdir, *flags), _env(8))],
-               "1-process train")[0]
+def train_two_processes(config, workdir, *flags) -> list[str]:
+  return _wait(start_two_processes(config, workdir, *flags), "2-process train")
+
+
+def train_one_process(config, workdir, *flags, devices: int = 8) -> str:
+  return _wait([_start(_command("train", config, workdir, *flags), _env(devices))],
+               f"1-process train on {devices} devices")[0]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, smollm2_gguf, minilm_dir, ml100k_dir):
+def job(tmp_path_factory, smollm2_gguf, minilm_dir, ml100k_dir) -> tuple[pathlib.Path, pathlib.Path]:
+  """(config file, scratch folder): the tiny models and the dataset, prepared once."""
   tmp = tmp_path_factory.mktemp("multihost")
   encoder = serve_fixtures.tiny_writer_dir(tmp / "encoder", smollm2_gguf)
   decoder = tiny_bert_dir(tmp / "decoder", minilm_dir)
@@ -147,15 +158,22 @@ def runs(tmp_path_factory, smollm2_gguf, minilm_dir, ml100k_dir):
                                   decoder=decoder, ml100k=str(ml100k_dir),
                                   dataset=str(tmp / "dataset")))
   _wait([_start(_command("prepare", config, tmp / "prepare"), _env(1))], "prepare")
-  dirs = {name: tmp / name for name in ("two", "straight", "resumed")}
+  return config, tmp
+
+
+@pytest.fixture(scope="module")
+def runs(job):
+  config, tmp = job
+  dirs = {name: tmp / name for name in ("two", "straight", "resumed", "resumed_on_2")}
   logs = {"two": train_two_processes(config, dirs["two"]),
           "straight": [train_one_process(config, dirs["straight"])]}
-  shutil.copytree(dirs["two"], dirs["resumed"])
-  after_first = first_checkpoint_at(dirs["resumed"], {"iteration": 1, "phase": "cl", "step": 0})
-  for step in checkpoint_steps(dirs["resumed"]):
-    if step > after_first:
-      shutil.rmtree(dirs["resumed"] / "checkpoints" / str(step))
-  logs["resumed"] = [train_one_process(config, dirs["resumed"])]
+  for name, devices in (("resumed", 8), ("resumed_on_2", 2)):
+    shutil.copytree(dirs["two"], dirs[name])
+    after_first = first_checkpoint_at(dirs[name], {"iteration": 1, "phase": "cl", "step": 0})
+    for step in checkpoint_steps(dirs[name]):
+      if step > after_first:
+        shutil.rmtree(dirs[name] / "checkpoints" / str(step))
+    logs[name] = [train_one_process(config, dirs[name], devices=devices)]
   return {name: (path, logs[name]) for name, path in dirs.items()}
 
 
@@ -281,3 +299,59 @@ def test_two_process_checkpoint_resumes_in_one_process(runs):
         f"metrics max |diff| {result['metric_diff']:.3g}, bit-identical: {result['identical']}")
   assert result["param_diff"] <= TOLERANCE
   assert result["metric_diff"] <= TOLERANCE, result["worst_metric"]
+
+
+def test_two_process_checkpoint_resumes_on_two_devices(runs):
+  resumed, _ = runs["resumed_on_2"]
+  _, loop = last_checkpoint(resumed)
+  assert loop["position"] == {"iteration": 2, "phase": "cl", "step": 0}
+  assert [(e["tag"], e["split"]) for e in loop["history"]] == HISTORY
+  result = compare(resumed, runs["straight"][0])
+  print(f"2x4 then 1x2 vs 1x8 throughout: parameters max |diff| {result['param_diff']:.3g}, "
+        f"metrics max |diff| {result['metric_diff']:.3g}")
+  # Reductions over 2 devices instead of 8 round differently: the same run, not the same bits.
+  assert result["param_diff"] <= 10 * TOLERANCE
+  assert result["metric_diff"] <= 10 * TOLERANCE, result["worst_metric"]
+
+
+# One iteration with 4 RL updates, so that a step boundary falls inside the RL phase.
+PREEMPT_FLAGS = ("--config.train.num_iterations=1", "--config.rl.num_lm_updates=4",
+                 "--config.eval.baselines=()")
+
+
+def test_sigterm_to_both_processes_in_the_rl_phase_resumes_exactly(job):
+  config, tmp = job
+  straight, workdir = tmp / "preempt_straight", tmp / "preempted"
+  train_two_processes(config, straight, *PREEMPT_FLAGS)
+  procs = start_two_processes(config, workdir, *PREEMPT_FLAGS)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.monotonic() + TIMEOUT_S
+  while not (metrics.exists() and '"rl/' in metrics.read_text()):
+    if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
+      for proc in procs:
+        proc.kill()
+      pytest.fail("the 2-process run ended or timed out before its first RL update:\n"
+                  + procs[0].communicate()[0][-3000:])
+    time.sleep(0.1)
+  for proc in procs:  # what a pod's maintenance event or SLURM's scancel sends every host
+    proc.send_signal(signal.SIGTERM)
+  logs = _wait(procs, "the preempted 2-process train")
+  for log in logs:
+    said = [line for line in log.splitlines() if line.startswith("preempted:")]
+    assert len(said) == 1 and "run the same command to resume" in said[0], log[-3000:]
+  assert not (workdir / "results.md").exists()
+  _, loop = last_checkpoint(workdir)
+  position = loop["position"]
+  assert position["phase"] == "rl" and 1 <= position["step"] < 4, position
+  assert all(f"rl step {position['step']}" in log for log in logs)
+
+  train_two_processes(config, workdir, *PREEMPT_FLAGS)
+  result = compare(workdir, straight)
+  print(f"preempted and resumed vs uninterrupted (2x4 both): parameters max |diff| "
+        f"{result['param_diff']:.3g}, metrics max |diff| {result['metric_diff']:.3g}, "
+        f"bit-identical: {result['identical']}")
+  assert result["param_diff"] <= 1e-6 and result["metric_diff"] <= 1e-6, result["worst_metric"]
+  resumed_loop, straight_loop = result["loops"]
+  assert resumed_loop["position"] == straight_loop["position"]
+  assert [e["results"] for e in resumed_loop["history"]] == [
+      e["results"] for e in straight_loop["history"]]

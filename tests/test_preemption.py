@@ -339,8 +339,8 @@ _DEVICES_RUN = textwrap.dedent("""
   from langptune_jax.train import loop
 
   def flat(trainer):
-    tree = {"encoder": trainer.encoder_state.trainable_state()["params"],
-            "decoder": trainer.decoder_state.trainable_state()["params"]}
+    tree = {"encoder": trainer.writer_state.trainable_state()["params"],
+            "decoder": trainer.ranker_state.trainable_state()["params"]}
     return {"/".join(map(str, k)): v for k, v in traverse_util.flatten_dict(tree).items()}
 
   # One small evaluation at the start and one at the end; checkpoints at phase ends and the stop.
@@ -350,8 +350,8 @@ _DEVICES_RUN = textwrap.dedent("""
   tok = planted.word_tokenizer()
   trainer = loop.Trainer(cfg, workdir, data=planted.planted_data(tok),
                          encoder=planted.tiny_encoder(len(tok)),
-                         decoder=planted.tiny_decoder(len(tok)), encoder_tokenizer=tok,
-                         decoder_tokenizer=tok, mesh=parallel.make_mesh(cfg.mesh))
+                         decoder=planted.tiny_decoder(len(tok)), writer_tokenizer=tok,
+                         ranker_tokenizer=tok, mesh=parallel.make_mesh(cfg.mesh))
   arrays = {}
   if trainer.restore():
     restored = flat(trainer)

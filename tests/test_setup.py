@@ -69,8 +69,8 @@ def test_plan_compiles_the_steps_train_runs(tmp_path, monkeypatch, training):
   mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:8])
   trainer = loop.Trainer(cfg, str(tmp_path), data=planted.planted_data(tok),
                          encoder=planted.tiny_encoder(len(tok)),
-                         decoder=planted.tiny_decoder(len(tok)), encoder_tokenizer=tok,
-                         decoder_tokenizer=tok, mesh=mesh)
+                         decoder=planted.tiny_decoder(len(tok)), writer_tokenizer=tok,
+                         ranker_tokenizer=tok, mesh=mesh)
   # Record what the training loop passes to each jitted step.
   recorders = {"rlso/logprobs": _Recorder(trainer.policy_logprobs),
                "rlso/update": _Recorder(trainer.rlso_pass),
@@ -112,6 +112,6 @@ def test_plan_compiles_the_steps_train_runs(tmp_path, monkeypatch, training):
   tokens, mask, rng = rollouts[0]
   assert [(x.shape, x.dtype) for x in (tokens, mask, rng)] == [
       (x.shape, x.dtype) for x in plan_args["sample"][1:]]
-  state = _abstract(trainer.encoder_state.state)
+  state = _abstract(trainer.writer_state.state)
   assert (train_fns["sample"].lower(state, *plan_args["sample"][1:]).as_text()
           == plan_fns["sample"].lower(*plan_args["sample"]).as_text())

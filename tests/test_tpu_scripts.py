@@ -56,12 +56,15 @@ def test_local_launch_runs_a_tiny_job(tmp_path, smollm2_gguf, minilm_dir, ml100k
       for section, field in [key.split(".")]}
   overrides["eval.baselines"] = "()"
   workdir = tmp_path / "run"
-  (log,) = _launch(tmp_path, 1, "train", workdir, overrides, devices=2)
-  assert "results:" in log, log[-3000:]
+  # Two processes x 2 devices, as on a 2-host slice: one job, one report from process 0.
+  logs = _launch(tmp_path, 2, "train", workdir, overrides, devices=2)
+  assert "results:" in logs[0] and "results:" not in logs[1], logs[0][-3000:]
+  assert all("process %d of 2" % i in log for i, log in enumerate(logs))
   assert (workdir / "results.json").is_file() and (workdir / "checkpoints").is_dir()
-  # The worker's pid file and latest-log link, as teardown.sh and logs.sh expect them.
-  home = tmp_path / "hosts" / "worker-0" / "langptune-logs"
-  assert (home / "run.pid").is_file() and (home / "latest.log").read_text() == log
+  for worker, log in enumerate(logs):
+    # Each worker's pid file and latest-log link, as teardown.sh and logs.sh expect them.
+    home = tmp_path / "hosts" / f"worker-{worker}" / "langptune-logs"
+    assert (home / "run.pid").is_file() and (home / "latest.log").read_text() == log
 
 
 def test_local_launch_joins_two_processes_with_the_arguments(tmp_path):

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import planted  # noqa: E402
 import tiny  # noqa: E402
 
-from langptune_jax import parallel, sampling  # noqa: E402
+from langptune_jax import parallel, plan, sampling  # noqa: E402
 from langptune_jax.data import prompts as prompts_lib  # noqa: E402
 from langptune_jax.rec import baselines  # noqa: E402
 from langptune_jax.rec import metrics as metrics_lib  # noqa: E402
@@ -51,12 +51,12 @@ def make_trainer(cfg, workdir, *, num_devices=8, data=None, decoder_layers=1):
   mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:num_devices])
   return loop.Trainer(cfg, str(workdir), data=data, encoder=planted.tiny_encoder(len(tok)),
                       decoder=planted.tiny_decoder(len(tok), num_layers=decoder_layers),
-                      encoder_tokenizer=tok, decoder_tokenizer=tok, mesh=mesh)
+                      writer_tokenizer=tok, ranker_tokenizer=tok, mesh=mesh)
 
 
 def trainable_params(trainer):
-  return {"encoder": trainer.encoder_state.trainable_state()["params"],
-          "decoder": trainer.decoder_state.trainable_state()["params"]}
+  return {"encoder": trainer.writer_state.trainable_state()["params"],
+          "decoder": trainer.ranker_state.trainable_state()["params"]}
 
 
 def test_rlso_raises_reward_on_planted_task(tmp_path):
@@ -89,7 +89,7 @@ def test_infonce_lowers_loss_and_raises_recall(tmp_path):
   # to weigh the genre word over the fillers to find the target.
   genre_of = {i: text.split()[0] for i, text in enumerate(data.item_text)}
   texts = [f"the user likes a {genre_of[int(t)]} story about the film" for t in users.target]
-  tok = trainer.decoder_tokenizer
+  tok = trainer.ranker_tokenizer
   enc = tok(texts, padding="max_length", max_length=10, truncation=True)
   profile_tokens = np.asarray(enc["input_ids"], np.int32)
   profile_mask = np.asarray(enc["attention_mask"], np.int32)
@@ -110,8 +110,8 @@ def test_infonce_lowers_loss_and_raises_recall(tmp_path):
              "item_tokens": data.item_tokens[users.target[index]],
              "item_mask": data.item_mask[users.target[index]],
              "item_ids": users.target[index]}
-    trainer.decoder_state.state, metrics = trainer.cl_step(
-        trainer.decoder_state.state, parallel.global_batch(batch, trainer.mesh))
+    trainer.ranker_state.state, metrics = trainer.cl_step(
+        trainer.ranker_state.state, parallel.global_batch(batch, trainer.mesh))
     losses_seen.append(float(metrics["loss"]))
   after = recall_at_5()
   assert np.mean(losses_seen[-5:]) < np.mean(losses_seen[:5]) - 0.3, losses_seen
@@ -232,8 +232,8 @@ def test_resume_mid_cl_with_changed_logging_equals_uninterrupted(straight, tmp_p
   second = make_trainer(cfg, tmp_path, num_devices=1)
   assert second.restore() and second.position == first.position
   assert second.profiles.texts == before.texts
-  np.testing.assert_array_equal(second.profiles.decoder_tokens, before.decoder_tokens)
-  np.testing.assert_array_equal(second.profiles.decoder_mask, before.decoder_mask)
+  np.testing.assert_array_equal(second.profiles.ranker_tokens, before.ranker_tokens)
+  np.testing.assert_array_equal(second.profiles.ranker_mask, before.ranker_mask)
   spy = ProfileSpy(second)
   history = second.run()
   assert not spy.cl_phase()  # the restored profiles are used, not rewritten
@@ -408,7 +408,7 @@ def synthetic_rollout(trainer, num_prompts=8, response_len=6, seed=0):
            "response_mask": np.arange(response_len)[None, :] < rng.integers(2, response_len + 1,
                                                                             (rows, 1))}
   logp_old, logp_ref, _ = trainer.policy_logprobs(
-      trainer.encoder_state.state, trainer.reference, parallel.global_batch(batch, trainer.mesh))
+      trainer.writer_state.state, trainer.reference, parallel.global_batch(batch, trainer.mesh))
   task = rng.uniform(size=rows).astype(np.float32)
   total, kl = rlso.shaped_rewards(task, logp_old, logp_ref, trainer.rl_settings)
   batch.update(logp_old=logp_old, total_reward=total, task_reward=task, kl=kl)
@@ -428,7 +428,7 @@ def cl_batch(trainer, rows=8):
 def gradients_and_step(trainer, *, rl=True, cl=True, cl_rows=8):
   """Losses and gradients of the RLSO pass and the CL step (at the current parameters, on
   the trainer's mesh and micro-batch settings), then the jitted steps' own loss and grad norm."""
-  enc, dec, cl_cfg = trainer.encoder_state, trainer.decoder_state, trainer.config.cl
+  enc, dec, cl_cfg = trainer.writer_state, trainer.ranker_state, trainer.config.cl
   out = {}
 
   @jax.jit
@@ -482,8 +482,14 @@ def test_sharded_updates_equal_single_device(tmp_path):
                dict(data=8, fsdp=1, tensor=1)):
     cfg = planted_config(rl__lr=1e-2, cl__lr=1e-2, cl__batch_size=8)
     cfg.mesh.update(mesh)
-    sharded = gradients_and_step(make_trainer(cfg, tmp_path / str(mesh), num_devices=8))
-    assert_same_gradients(reference, sharded)
+    trainer = make_trainer(cfg, tmp_path / str(mesh), num_devices=8)
+    args = plan.step_arguments(trainer.settings, trainer.setup, trainer.mesh, trainer.rules)
+    for name in ("cl/update", "rlso/update"):
+      hlo = plan.step_functions(trainer.setup)[name].lower(*args[name]).compile().as_text()
+      # XLA:CPU may start the collectives inside a conditional in a different order on
+      # different devices, and the step then never finishes (jnp.diagonal's gradient did).
+      assert "conditional(" not in hlo, (name, mesh)
+    assert_same_gradients(reference, gradients_and_step(trainer))
 
 
 def test_remat_and_micro_batches_give_the_same_update(tmp_path):
@@ -495,7 +501,7 @@ def test_remat_and_micro_batches_give_the_same_update(tmp_path):
     trainer = loop.Trainer(
         cfg, str(tmp_path / remat), data=planted.planted_data(tok),
         encoder=planted.tiny_encoder(len(tok), remat=remat),
-        decoder=planted.tiny_decoder(len(tok)), encoder_tokenizer=tok, decoder_tokenizer=tok,
+        decoder=planted.tiny_decoder(len(tok)), writer_tokenizer=tok, ranker_tokenizer=tok,
         mesh=parallel.make_mesh(cfg.mesh, jax.devices()[:1]))
     outs.append(gradients_and_step(trainer))
     if remat == "full":  # sampling with a remat policy decodes as usual
@@ -541,7 +547,7 @@ def test_kl_reference_logprobs_and_shaped_reward(tmp_path, training):
   cfg = planted_config(encoder__training=training, rl__kl_coef=kl_coef, rl__micro_batch_size=2,
                        rl__whiten_rewards=False, rl__lr=3e-2, rl__num_ppo_epochs=1)
   trainer = make_trainer(cfg, tmp_path, num_devices=1)
-  enc = trainer.encoder_state
+  enc = trainer.writer_state
   rollout = synthetic_rollout(trainer)
   for _ in range(2):  # move the policy away from the reference
     enc.state, _ = trainer.rlso_pass(enc.state, parallel.global_batch(rollout, trainer.mesh))
@@ -551,7 +557,7 @@ def test_kl_reference_logprobs_and_shaped_reward(tmp_path, training):
                                                   parallel.global_batch(batch, trainer.mesh))
   args = [jnp.asarray(batch[k]) for k in keys]
   temperature = trainer.rl_settings.temperature
-  untrained = planted.tiny_encoder(len(trainer.encoder_tokenizer))
+  untrained = planted.tiny_encoder(len(trainer.writer_tokenizer))
   plain_ref = sampling.sequence_logprobs(untrained, *args, temperature=temperature)
   plain_old = sampling.sequence_logprobs(enc.model, *args, temperature=temperature)
   np.testing.assert_allclose(np.asarray(logp_ref), np.asarray(plain_ref), rtol=1e-5, atol=1e-4)
@@ -572,10 +578,10 @@ def test_kl_reference_logprobs_and_shaped_reward(tmp_path, training):
 def test_decoder_num_layers_unfrozen_trains_only_the_top_blocks(tmp_path):
   cfg = planted_config(decoder__num_layers_unfrozen=1, cl__lr=1e-2)
   trainer = make_trainer(cfg, tmp_path, num_devices=1, decoder_layers=2)
-  before = jax.device_get(nnx.state(trainer.decoder_state.model, nnx.Param).to_pure_dict())
-  trainer.decoder_state.state, _ = trainer.cl_step(
-      trainer.decoder_state.state, parallel.global_batch(cl_batch(trainer), trainer.mesh))
-  after = jax.device_get(nnx.state(trainer.decoder_state.model, nnx.Param).to_pure_dict())
+  before = jax.device_get(nnx.state(trainer.ranker_state.model, nnx.Param).to_pure_dict())
+  trainer.ranker_state.state, _ = trainer.cl_step(
+      trainer.ranker_state.state, parallel.global_batch(cl_batch(trainer), trainer.mesh))
+  after = jax.device_get(nnx.state(trainer.ranker_state.model, nnx.Param).to_pure_dict())
   moved = {jax.tree_util.keystr(path) for path, changed in jax.tree_util.tree_leaves_with_path(
       jax.tree.map(lambda x, y: bool(np.any(x != y)), before, after)) if changed}
   assert moved and all("'layers'" in p and "[1]" in p for p in moved), moved

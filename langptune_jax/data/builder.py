@@ -26,8 +26,8 @@ Feature names (what the training loop reads):
     item           int32            item index (0..num_items-1)
     item_key       text             original item id (parent_asin / MovieLens id)
     text           text             item text
-    decoder_tokens int32 [L]        decoder ids, RIGHT-padded to L = data.decoder_max_len
-    decoder_mask   int32 [L]        1 on real tokens
+    ranker_tokens int32 [L]        decoder ids, RIGHT-padded to L = data.decoder_max_len
+    ranker_mask   int32 [L]        1 on real tokens
 
 Shuffling at write time is disabled, so files are in index order and a rebuild
 from the same inputs and seed is byte-identical. Everything is written into a

@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
+from langptune_jax import settings as settings_lib
 from langptune_jax.serve.session import Prompt, Session, UnknownError
 
 PAGE = pathlib.Path(__file__).with_name("static") / "index.html"
@@ -165,7 +166,8 @@ def run(config, workdir) -> int:
 
   from langptune_jax.serve.load import open_session
   session = open_session(config, workdir)
-  host, port = str(config.serve.host), int(config.serve.port)
+  serve = settings_lib.of(config).serve
+  host, port = serve.host, serve.port
   print(f"serving {workdir} on http://{host}:{port} (Ctrl-C stops)")
   uvicorn.run(create_app(session), host=host, port=port, log_level="warning")
   return 0

@@ -28,10 +28,10 @@ _EMBEDDINGS = "embeddings.npy"
 _META = "meta.json"
 
 
-def fingerprint(decoder_state, item_text: Sequence[str], max_len: int) -> str:
+def fingerprint(ranker_state, item_text: Sequence[str], max_len: int) -> str:
   """sha256 over the decoder's arrays (in tree order), the item texts and the window."""
   digest = hashlib.sha256()
-  leaves, treedef = jax.tree.flatten(decoder_state)
+  leaves, treedef = jax.tree.flatten(ranker_state)
   digest.update(str(treedef).encode())
   for leaf in leaves:
     array = np.asarray(jax.device_get(leaf))
@@ -90,18 +90,18 @@ def index_trained_run(trainer) -> pathlib.Path | None:
   from langptune_jax.serve.ranker import Ranker
   if trainer.checkpointer is None:
     return None  # nothing to serve: recommend and serve read a checkpoint
-  graphdef, state = nnx.split(trainer.decoder_state.model)
+  graphdef, state = nnx.split(trainer.ranker_state.model)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     state = multihost_utils.process_allgather(state, tiled=True)
   if jax.process_index() != 0:
     return None
-  config, data = trainer.config, trainer.data
-  ranker = Ranker(nnx.merge(graphdef, state), trainer.decoder_tokenizer,
-                  int(config.data.decoder_max_len))
+  settings, data = trainer.settings, trainer.data
+  ranker = Ranker(nnx.merge(graphdef, state), trainer.ranker_tokenizer,
+                  settings.data.decoder_max_len)
   folder = fs.path(trainer.workdir) / INDEX_DIR  # a bucket address stays one
   digest = fingerprint(ranker.state, data.item_text, ranker.max_len)
   embeddings, _ = load_or_build(folder, digest, ranker.embed_rows, data.item_tokens,
-                                data.item_mask, int(config.decoder.embed_batch_size))
+                                data.item_mask, settings.decoder.embed_batch_size)
   print(f"catalogue index: {folder} ({embeddings.shape[0]} items)")
   return folder

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 
 from langptune_jax import fs, sampling
+from langptune_jax import settings as settings_lib
 from langptune_jax.serve.ranker import on_one_device
 from langptune_jax.weights import tokenizer as tok_lib
 
@@ -142,21 +143,22 @@ def make_judge(config) -> Chooser:
 
 def judge_run(config, session, choose: Chooser) -> dict:
   """Zero-shot vs trained profiles of eval.split's users, judged on the same candidates."""
-  users = session.data.split(str(config.eval.split))
-  limit = int(config.judge.max_users)
+  settings = settings_lib.of(config)
+  users = session.data.split(settings.eval.split)
+  limit = settings.judge.max_users
   ids = [int(u) for u in (users.user[:limit] if limit else users.user)]
-  rng = np.random.default_rng(int(config.judge.seed))
-  greedy = bool(config.eval.greedy)
-  n = int(config.judge.num_candidates)
+  rng = np.random.default_rng(settings.judge.seed)
+  greedy = settings.eval.greedy
+  n = settings.judge.num_candidates
   cases, trained, zero = [], [], []
   for user in ids:
     prompt = session.dataset_prompt(user)
     cases.append(candidates(prompt.target, prompt.history, len(session.titles), n, rng))
     for out, zero_shot in ((trained, False), (zero, True)):
-      out.append(session.write_profile(prompt, seed=int(config.seed) + user,
+      out.append(session.write_profile(prompt, seed=settings.seed + user,
                                        temperature=0.0 if greedy else None, zero_shot=zero_shot))
   text = session.data.item_text
-  return {"split": str(config.eval.split), "num_candidates": n, "users": ids,
+  return {"split": settings.eval.split, "num_candidates": n, "users": ids,
           "zero_shot": accuracy(choose, zero, cases, text),
           "trained": accuracy(choose, trained, cases, text)}
 

@@ -49,13 +49,13 @@ def _from_checkpoint(config, workdir, warm_up: bool) -> Session:
   try:
     # The weights from before the restore, in Variables of its own: a merged module shares
     # the train state's Variables, which the restore updates in place.
-    zero_shot = nnx.clone(trainer.encoder_state.model)
+    zero_shot = nnx.clone(trainer.writer_state.model)
     if not trainer.restore():
       raise FileNotFoundError(f"no checkpoint in {_workdir(workdir) / CHECKPOINTS}")
-    return Session(config, writer=trainer.encoder_state.model, zero_shot_writer=zero_shot,
-                   ranker=trainer.decoder_state.model,
-                   writer_tokenizer=trainer.encoder_tokenizer,
-                   ranker_tokenizer=trainer.decoder_tokenizer, data=trainer.data,
+    return Session(config, writer=trainer.writer_state.model, zero_shot_writer=zero_shot,
+                   ranker=trainer.ranker_state.model,
+                   writer_tokenizer=trainer.writer_tokenizer,
+                   ranker_tokenizer=trainer.ranker_tokenizer, data=trainer.data,
                    index_dir=_workdir(workdir), sampling=trainer.sampling,
                    warm_up=warm_up)
   finally:

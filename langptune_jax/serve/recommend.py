@@ -11,6 +11,7 @@ import json
 import pathlib
 import sys
 
+from langptune_jax import settings as settings_lib
 from langptune_jax.serve import flags as serve_flags
 from langptune_jax.serve import ranker as ranker_lib
 from langptune_jax.serve.load import open_session
@@ -49,8 +50,9 @@ def recommend(config, workdir, *, user=None, history=None, profile=None,
   else:
     prompt = session.history_prompt(session.resolve_items(lines))
   if prompt is not None:
-    profile = session.write_profile(prompt, seed=int(config.seed),
-                                    temperature=0.0 if config.eval.greedy else None)
+    settings = settings_lib.of(config)
+    profile = session.write_profile(prompt, seed=settings.seed,
+                                    temperature=0.0 if settings.eval.greedy else None)
     if not profile.strip():
       raise ValueError("the profile writer wrote an empty profile; sample one instead "
                        "(--config.eval.greedy=False, another --config.seed)")

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from langptune_jax import sampling as sampling_lib
+from langptune_jax import settings as settings_lib
 from langptune_jax.data import prompts as prompts_lib
 from langptune_jax.models import embedder as embedder_lib
 from langptune_jax.serve import index as index_lib
@@ -61,15 +62,15 @@ class Session:
                writer_tokenizer, ranker_tokenizer, data: RunData, index_dir: pathlib.Path,
                sampling: profiles_lib.SamplingSettings, warm_up: bool = True,
                stream_tokens: int = STREAM_TOKENS):
-    self.config = config
+    self.settings = settings = settings_lib.of(config)
     self.writer, self.zero_shot_writer = on_one_device(writer), on_one_device(zero_shot_writer)
     self.writer_tokenizer, self.ranker_tokenizer = writer_tokenizer, ranker_tokenizer
     self.data = data
     self.sampling = sampling
     self.stream_tokens = int(stream_tokens)
-    self.prompt_len = int(config.data.prompt_max_len)
-    self.profile_len = int(config.data.decoder_max_len)
-    self.top_k = int(config.serve.top_k)
+    self.prompt_len = settings.data.prompt_max_len
+    self.profile_len = settings.data.decoder_max_len
+    self.top_k = settings.serve.top_k
     self._lock = threading.Lock()
     self.ranker = Ranker(ranker, ranker_tokenizer, self.profile_len)
     self.titles = [item_title(t) for t in data.item_text]
@@ -81,7 +82,7 @@ class Session:
     digest = index_lib.fingerprint(self.ranker.state, data.item_text, self.profile_len)
     self.item_embeddings, self.index_rebuilt = index_lib.load_or_build(
         index_dir / index_lib.INDEX_DIR, digest, self.ranker.embed_rows, data.item_tokens,
-        data.item_mask, int(config.decoder.embed_batch_size))
+        data.item_mask, settings.decoder.embed_batch_size)
     if warm_up:
       self.warm_up()
 
@@ -120,7 +121,7 @@ class Session:
 
   def history_prompt(self, items: list[int]) -> Prompt:
     """The training prompt for a typed history (item texts, no ratings)."""
-    content = prompts_lib.prompt_content(prompts_lib.resolve_instruction(self.config.data),
+    content = prompts_lib.prompt_content(prompts_lib.resolve_instruction(self.settings.data),
                                          [self.data.item_text[i] for i in items])
     text = prompts_lib.wrap_chat(self.writer_tokenizer, content)
     ids = tok_lib.batch_encode(self.writer_tokenizer, [text], add_special_tokens=False)[0]
@@ -148,7 +149,7 @@ class Session:
     with self._lock:
       out = profiles_lib.write_profiles(
           model, prompt.tokens, prompt.mask, settings=settings,
-          encoder_tokenizer=self.writer_tokenizer, decoder_tokenizer=self.ranker_tokenizer,
+          writer_tokenizer=self.writer_tokenizer, ranker_tokenizer=self.ranker_tokenizer,
           decoder_max_len=self.profile_len, batch_size=1, rng=jax.random.key(int(seed)),
           greedy=greedy, desc="writing a profile")
     return out.texts[0]

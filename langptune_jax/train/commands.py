@@ -93,8 +93,8 @@ def build_trainer(config, workdir) -> Trainer:
   writer = MetricsWriter(str(workdir), tensorboard=settings.logging.tensorboard,
                          jsonl=settings.logging.jsonl)
   return Trainer(config, str(workdir), data=data, encoder=encoder, decoder=decoder,
-                 encoder_tokenizer=tok_lib.load_tokenizer(settings.encoder.path),
-                 decoder_tokenizer=tok_lib.load_tokenizer(settings.decoder.path),
+                 writer_tokenizer=tok_lib.load_tokenizer(settings.encoder.path),
+                 ranker_tokenizer=tok_lib.load_tokenizer(settings.decoder.path),
                  writer=writer, mesh=mesh)
 
 
@@ -175,10 +175,10 @@ def export(config, workdir, overwrite: bool | None = None) -> int:
     if not trainer.restore():
       raise FileNotFoundError(f"no checkpoint in {checkpoints}: train first")
     with export_lib.staged_dir(out, overwrite=overwrite) as tmp:
-      export_lib.export_decoder(trainer.encoder_state.model, tmp / "encoder")  # merges LoRA
+      export_lib.export_decoder(trainer.writer_state.model, tmp / "encoder")  # merges LoRA
       settings = trainer.setup.settings
       _copy_tokenizer(settings.encoder.path, tmp / "encoder")
-      _export_embedder(trainer.decoder_state.model, tmp / "decoder", settings.decoder.path)
+      _export_embedder(trainer.ranker_state.model, tmp / "decoder", settings.decoder.path)
     print(f"encoder (LoRA merged): {out / 'encoder'}\ndecoder: {out / 'decoder'}")
   finally:
     trainer.close()

@@ -1,7 +1,7 @@
 """Evaluation of a run: profiles of held-out users ranked over the catalogue, the baselines
 and the per-user records.
 
-:class:`Evaluator` holds what an evaluation reads (config, data, the current
+:class:`Evaluator` holds what an evaluation reads (settings, data, the current
 embedder and profile writer) but no training state of its own; the trainer
 decides when to evaluate and keeps the history.
 """
@@ -14,11 +14,11 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
 from langptune_jax import distributed, fs, observability, parallel
+from langptune_jax import settings as settings_lib
 from langptune_jax.data import prompts as prompts_lib
 from langptune_jax.rec import metrics as metrics_lib
 from langptune_jax.rec import retrieval
@@ -55,16 +55,16 @@ class Evaluator:
   baseline fit has seen (`note_fit`, the leakage check).
   """
 
-  config: object
+  settings: settings_lib.Settings
   data: RunData
   workdir: str
   embed_texts: EmbedTexts
   write_profiles: WriteProfiles
-  decoder_state: Callable[[], state_lib.TrainState]  # the decoder as it is now
-  decoder_tokenizer: object
+  ranker_state: Callable[[], state_lib.TrainState]  # the decoder as it is now
+  ranker_tokenizer: object
   mesh: object
   rules: object = parallel.DEFAULT_RULES
-  encoder_tokenizer: object = None
+  writer_tokenizer: object = None
   sampling: object = None  # profile-writing settings at evaluation (eval.temperature)
   note_fit: Callable[[str, np.ndarray], None] = lambda name, users: None
   reference_ranks: dict = dataclasses.field(default_factory=dict)  # split -> row -> ranks
@@ -72,7 +72,7 @@ class Evaluator:
 
   @property
   def seed(self) -> int:
-    return int(self.config.seed)
+    return self.settings.seed
 
   def evaluate(self, tag: str, key: jax.Array, *, split: str | None = None,
                baselines: bool = False, write_records: bool = True) -> dict:
@@ -83,25 +83,25 @@ class Evaluator:
     the zero-shot profiles embedded by the current decoder. Returns the history entry:
     metrics, bootstrap intervals over users and paired differences against zero-shot.
     """
-    cfg = self.config.eval
+    cfg = self.settings.eval
     split = split or cfg.split
-    users = self.data.split(split).head(int(cfg.max_users))
-    ks = tuple(int(k) for k in cfg.ks)
+    users = self.data.split(split).head(cfg.max_users)
+    ks = cfg.ks
     n = self.data.num_items
     item_emb = self.embed_texts(self.data.item_tokens, self.data.item_mask,
                                 f"{tag}: embedding items")
-    profiles = self.write_profiles(users, key, greedy=bool(cfg.greedy), desc=f"{tag}: profiles",
+    profiles = self.write_profiles(users, key, greedy=cfg.greedy, desc=f"{tag}: profiles",
                                    settings=self.sampling)
-    ranks = {tag: self._rank_texts(profiles.decoder_tokens, profiles.decoder_mask, users,
+    ranks = {tag: self._rank_texts(profiles.ranker_tokens, profiles.ranker_mask, users,
                                    item_emb, f"{tag}: embedding profiles")}
     kept = self.reference_ranks.setdefault(split, {})
     if tag == "zero_shot":
       self.zero_shot_texts[split] = list(profiles.texts)
       kept["zero_shot"] = ranks[tag].tolist()
     elif split in self.zero_shot_texts:
-      tokens, mask, _ = profiles_lib.to_decoder_inputs(
-          self.zero_shot_texts[split], self.decoder_tokenizer,
-          int(self.config.data.decoder_max_len))
+      tokens, mask, _ = profiles_lib.to_ranker_inputs(
+          self.zero_shot_texts[split], self.ranker_tokenizer,
+          self.settings.data.decoder_max_len)
       ranks["cl_only"] = self._rank_texts(tokens, mask, users, item_emb,
                                           f"{tag}: embedding zero-shot profiles")
     if baselines:
@@ -109,8 +109,8 @@ class Evaluator:
     ranks.update({name: np.asarray(r) for name, r in kept.items() if name not in ranks})
     results = {name: metrics_from_ranks(r, ks, n) for name, r in ranks.items()}
     summary = stats_lib.summarize_ranks(
-        ranks, ks, n, reference="zero_shot", samples=int(cfg.bootstrap_samples),
-        confidence=float(cfg.confidence), seed=self.seed)
+        ranks, ks, n, reference="zero_shot", samples=cfg.bootstrap_samples,
+        confidence=cfg.confidence, seed=self.seed)
     if write_records:
       name = tag if split == cfg.split or tag == "final" else f"{tag}_{split}"
       self.write_records(name, users, profiles, ranks[tag])
@@ -129,7 +129,7 @@ class Evaluator:
     """Target ranks of each configured baseline; every fit sees train users only."""
     from langptune_jax.rec import baselines as baselines_lib  # pylint: disable=g-import-not-at-top
     out = {}
-    names = tuple(self.config.eval.baselines)
+    names = self.settings.eval.baselines
     n = self.data.num_items
     train = self.data.train
     if "reference_query" in names:
@@ -148,7 +148,7 @@ class Evaluator:
     if "sasrec" in names:
       self.note_fit("sasrec", train.user)
       sequences = [np.append(h[h >= 0], t) for h, t in zip(train.history, train.target)]
-      model = baselines_lib.train_sasrec(sequences, n, steps=int(self.config.eval.sasrec_steps),
+      model = baselines_lib.train_sasrec(sequences, n, steps=self.settings.eval.sasrec_steps,
                                          seed=self.seed, max_len=train.history.shape[1])
       histories = [h[h >= 0] for h in users.history]
       out["sasrec"] = ranks_from_scores(baselines_lib.sasrec_scores(model, histories), users)
@@ -167,24 +167,26 @@ class Evaluator:
     ``history_batch_size``; the decoder of the run itself is left untouched.
     """
     from langptune_jax.rec import baselines as baselines_lib  # pylint: disable=g-import-not-at-top
-    bl = self.config.baselines
-    instruction = prompts_lib.resolve_instruction(self.config.data)
+    bl = self.settings.baselines
+    instruction = prompts_lib.resolve_instruction(self.settings.data)
 
     def tokens_of(split: UserSplit):
-      texts = [prompts_lib.history_text(p, instruction, self.encoder_tokenizer)
+      texts = [prompts_lib.history_text(p, instruction, self.writer_tokenizer)
                for p in split.prompt_text]
       return baselines_lib.history_query_tokens(
-          self.decoder_tokenizer, texts, int(bl.history_pad_len), int(bl.history_max_len))
+          self.ranker_tokenizer, texts, bl.history_pad_len, bl.history_max_len)
 
     train = self.data.train
-    batch_size = min(int(bl.history_batch_size), len(train))
+    batch_size = min(bl.history_batch_size, len(train))
     batch_size -= batch_size % parallel.data_parallel_size(self.mesh, self.rules)
-    opt = ml_collections.ConfigDict(self.config.cl.to_dict())
-    opt.lr, opt.negatives = float(bl.history_lr), "global"  # one InfoNCE batch per step
-    if opt.micro_batch_size and batch_size % int(opt.micro_batch_size):
-      opt.micro_batch_size = 0
-    total = int(bl.history_rounds) * int(bl.history_steps)
-    decoder = self.decoder_state()
+    cl = self.settings.cl
+    micro = cl.micro_batch_size
+    if micro and batch_size % micro:
+      micro = 0
+    # One InfoNCE batch of global negatives per step, at the baseline's learning rate.
+    opt = dataclasses.replace(cl, lr=bl.history_lr, negatives="global", micro_batch_size=micro)
+    total = bl.history_rounds * bl.history_steps
+    decoder = self.ranker_state()
     graphdef, params = nnx.split(decoder.model)
     model = nnx.merge(graphdef, jax.tree.map(jnp.copy, params))  # the CL step donates its state
     copy, step = setup.make_cl_training(model, decoder.wrt, opt, max(total, 1), self.mesh,
@@ -198,7 +200,7 @@ class Evaluator:
 
     embed = setup.make_embed(copy, self.mesh, self.rules)
     embed_fn = lambda t, m: embed(copy.state, t, m)  # noqa: E731
-    size = int(self.config.decoder.embed_batch_size)
+    size = self.settings.decoder.embed_batch_size
     item_emb = retrieval.embed_catalogue(embed_fn, self.data.item_tokens, self.data.item_mask,
                                          size, mesh=self.mesh, desc="history baseline: items")
     query_emb = retrieval.embed_catalogue(embed_fn, *tokens_of(users), size, mesh=self.mesh,

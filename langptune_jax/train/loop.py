@@ -31,6 +31,7 @@ from flax import nnx
 
 from langptune_jax import distributed, fs, observability, parallel, preemption
 from langptune_jax import flops as flops_lib
+from langptune_jax import settings as settings_lib
 from langptune_jax.models import embedder as embedder_lib
 from langptune_jax.rec import retrieval
 from langptune_jax.train import checkpoint as ckpt_lib
@@ -64,10 +65,10 @@ class LoopPosition:
   phase: str = "cl"
   step: int = 0
 
-  def global_step(self, config) -> int:
-    cl_steps = int(config.cl.num_emb_updates)
+  def global_step(self, settings: settings_lib.Settings) -> int:
+    cl_steps = settings.cl.num_emb_updates
     offset = 0 if self.phase == "cl" else cl_steps
-    return self.iteration * (cl_steps + int(config.rl.num_lm_updates)) + offset + self.step
+    return self.iteration * (cl_steps + settings.rl.num_lm_updates) + offset + self.step
 
 
 def _scalars(metrics: dict) -> dict[str, float]:
@@ -78,13 +79,13 @@ class Trainer:
   """Runs (and resumes) one LangPTune training job."""
 
   def __init__(self, config, workdir: str, *, data: RunData, encoder: nnx.Module,
-               decoder: embedder_lib.Embedder, encoder_tokenizer, decoder_tokenizer,
+               decoder: embedder_lib.Embedder, writer_tokenizer, ranker_tokenizer,
                writer=None, mesh=None):
     self.config = config
     self.workdir = workdir
     self.data = data
-    self.encoder_tokenizer = encoder_tokenizer
-    self.decoder_tokenizer = decoder_tokenizer
+    self.writer_tokenizer = writer_tokenizer
+    self.ranker_tokenizer = ranker_tokenizer
     self.writer = writer
     self.mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
     self.rules = parallel.rules_from_config(config.mesh.rules)
@@ -92,11 +93,12 @@ class Trainer:
     fs.makedirs(workdir)
 
     self.setup = setup_lib.build(config, encoder, decoder,
-                                 eos_ids=profiles_lib.eos_ids(encoder_tokenizer, encoder),
-                                 pad_id=tok_lib.pad_id(encoder_tokenizer),
+                                 eos_ids=profiles_lib.eos_ids(writer_tokenizer, encoder),
+                                 pad_id=tok_lib.pad_id(writer_tokenizer),
                                  mesh=self.mesh, rules=self.rules)
-    self.encoder_state = self.setup.encoder_state
-    self.decoder_state = self.setup.decoder_state
+    self.settings = self.setup.settings  # typed; `config` stays for the checkpoint fingerprint
+    self.writer_state = self.setup.writer_state
+    self.ranker_state = self.setup.ranker_state
     self.reference = self.setup.reference
     self.rl_settings = self.setup.rl_settings
     self.sampling = self.setup.sampling
@@ -104,7 +106,7 @@ class Trainer:
     self.policy_logprobs = self.steps.policy_logprobs
     # Step time apart from compile time, tokens/s and MFU in the metrics; the
     # optional XLA trace of a window of steps (config.profile).
-    peak = flops_lib.peak_tflops(float(config.profile.peak_tflops))
+    peak = flops_lib.peak_tflops(self.settings.profile.peak_tflops)
     self.rl_timer = flops_lib.StepTimer("rl", num_devices=self.mesh.size,
                                         peak_tflops_per_device=peak)
     self.cl_timer = flops_lib.StepTimer("cl", num_devices=self.mesh.size,
@@ -114,10 +116,10 @@ class Trainer:
     self.profile_window = observability.ProfileWindow(config.profile,
                                                       fs.join(workdir, "profile"))
     self.evaluator = evaluation.Evaluator(
-        config, data, workdir, embed_texts=self.embed_texts, write_profiles=self.write_profiles,
-        decoder_state=lambda: self.decoder_state, decoder_tokenizer=decoder_tokenizer,
-        mesh=self.mesh, rules=self.rules, encoder_tokenizer=encoder_tokenizer,
-        sampling=dataclasses.replace(self.sampling, temperature=float(config.eval.temperature)),
+        self.settings, data, workdir, embed_texts=self.embed_texts, write_profiles=self.write_profiles,
+        ranker_state=lambda: self.ranker_state, ranker_tokenizer=ranker_tokenizer,
+        mesh=self.mesh, rules=self.rules, writer_tokenizer=writer_tokenizer,
+        sampling=dataclasses.replace(self.sampling, temperature=self.settings.eval.temperature),
         note_fit=self._note_fit)
 
     self.position = LoopPosition()
@@ -131,8 +133,8 @@ class Trainer:
     self.preemption = preemption.Watch()
     self.preempted = False  # stopped by a SIGTERM (checkpointed at a step boundary)
     self.checkpointer = (ckpt_lib.Checkpointer(fs.join(workdir, "checkpoints"),
-                                               max_to_keep=int(config.checkpoint.max_to_keep))
-                         if config.checkpoint.enabled else None)
+                                               max_to_keep=self.settings.checkpoint.max_to_keep)
+                         if self.settings.checkpoint.enabled else None)
     self.fingerprint = ckpt_lib.config_fingerprint(config)
 
   # --- the schedule ----------------------------------------------------------
@@ -154,17 +156,17 @@ class Trainer:
 
   @property
   def finished(self) -> bool:
-    return self.position.iteration >= int(self.config.train.num_iterations)
+    return self.position.iteration >= self.settings.train.num_iterations
 
   def _run(self) -> list[dict]:
-    cfg = self.config
-    resumed = bool(cfg.checkpoint.resume) and self.restore()
+    cfg = self.settings
+    resumed = cfg.checkpoint.resume and self.restore()
     if not resumed:
       # Baselines and zero-shot profiles once per split, before any training.
       for split in dict.fromkeys((cfg.eval.split, cfg.eval.final_split)):
         self.evaluate("zero_shot", split=split, baselines=True)
     start = self.position
-    for iteration in range(start.iteration, int(cfg.train.num_iterations)):
+    for iteration in range(start.iteration, cfg.train.num_iterations):
       resuming_here = iteration == start.iteration
       if not resuming_here or start.phase == "cl":
         if not resuming_here:
@@ -175,8 +177,8 @@ class Trainer:
       self.rl_phase(iteration, start.step if resuming_here and start.phase == "rl" else 0)
       done = iteration + 1
       self.position = LoopPosition(done, "cl", 0)
-      every = int(cfg.train.eval_every_iterations)
-      if (every > 0 and done % every == 0) or done == int(cfg.train.num_iterations):
+      every = cfg.train.eval_every_iterations
+      if (every > 0 and done % every == 0) or done == cfg.train.num_iterations:
         self.evaluate(f"iteration_{done}")
       self._save(self.position)
     if not any(e["tag"] == "final" for e in self.history):
@@ -194,44 +196,44 @@ class Trainer:
     self.fitted_users[name].update(int(u) for u in np.asarray(users).reshape(-1))
 
   def cl_phase(self, iteration: int, start_step: int = 0) -> None:
-    cfg = self.config.cl
+    cfg = self.settings.cl
     users = self._cl_users()
-    cap = int(self.config.train.cl_users)
+    cap = self.settings.train.cl_users
     if 0 < cap < len(users):  # a seeded subset: the same again on resume
       users = users.take(np.sort(rng_for(self.seed, iteration, 5).permutation(len(users))[:cap]))
     if self.profiles is None:
       self.profiles = self.write_profiles(users, key_for(self.seed, iteration, 0),
                                           desc=f"iteration {iteration}: profiles")
       self._save(LoopPosition(iteration, "cl", 0))
-    batch_size = int(cfg.batch_size)
+    batch_size = cfg.batch_size
     if len(users) < batch_size:
       raise ValueError(f"cl.batch_size={batch_size}: only {len(users)} train users")
-    for step in self._steps("cl", iteration, start_step, int(cfg.num_emb_updates)):
+    for step in self._steps("cl", iteration, start_step, cfg.num_emb_updates):
       index = batch_rows(self.seed, len(users), batch_size, step, iteration, 1)
       self._note_fit("cl", users.user[index])
-      batch = cl_batch(self.profiles.decoder_tokens[index], self.profiles.decoder_mask[index],
+      batch = cl_batch(self.profiles.ranker_tokens[index], self.profiles.ranker_mask[index],
                        self.data, users.target[index])
       batch = parallel.global_batch(batch, self.mesh, self.rules)
-      self.decoder_state.state, metrics = self.cl_step(self.decoder_state.state, batch)
-      width = self.profiles.decoder_tokens.shape[1]
+      self.ranker_state.state, metrics = self.cl_step(self.ranker_state.state, batch)
+      width = self.profiles.ranker_tokens.shape[1]
       metrics = dict(metrics, **self.cl_timer.metrics(
           tokens=2 * batch_size * width,
-          flops=flops_lib.cl_step_flops(self.setup.decoder_config, batch_size, width,
-                                        trainable_params=self.setup.decoder_trainable)))
+          flops=flops_lib.cl_step_flops(self.setup.ranker_config, batch_size, width,
+                                        trainable_params=self.setup.ranker_trainable)))
       self._after_step(metrics, "cl", iteration, step)
 
   # --- RL phase ----------------------------------------------------------------
 
   def rl_phase(self, iteration: int, start_step: int = 0) -> None:
-    cfg = self.config.rl
+    cfg = self.settings.rl
     self.item_embeddings = self.embed_texts(self.data.item_tokens, self.data.item_mask,
                                             desc=f"iteration {iteration}: embedding items")
     item_emb = parallel.put(self.item_embeddings, self.mesh, ("items", None), self.rules)
     users = self.data.train
-    num_prompts = int(cfg.prompts_per_update)
+    num_prompts = cfg.prompts_per_update
     if len(users) < num_prompts:
       raise ValueError(f"rl.prompts_per_update={num_prompts}: only {len(users)} train users")
-    for step in self._steps("rl", iteration, start_step, int(cfg.num_lm_updates)):
+    for step in self._steps("rl", iteration, start_step, cfg.num_lm_updates):
       prompts = users.take(batch_rows(self.seed, len(users), num_prompts, step, iteration, 2))
       self._note_fit("rl", prompts.user)
       metrics = self.rlso_update(prompts, item_emb, key_for(self.seed, iteration, 3, step),
@@ -246,12 +248,12 @@ class Trainer:
                                 "prompt_mask": prompts.prompt_mask,
                                 "target": prompts.target, "history": prompts.history}, group)
     with parallel.use_mesh(self.mesh, self.rules):
-      out = profiles_lib.generate(self.encoder_state.model, rows["prompt_tokens"],
+      out = profiles_lib.generate(self.writer_state.model, rows["prompt_tokens"],
                                   rows["prompt_mask"], self.sampling, key)
     response_tokens, response_mask = distributed.to_host((out.tokens, out.response_mask))
-    texts = profiles_lib.decode_responses(self.encoder_tokenizer, response_tokens, response_mask)
-    dec_tokens, dec_mask, truncated = profiles_lib.to_decoder_inputs(
-        texts, self.decoder_tokenizer, int(self.config.data.decoder_max_len))
+    texts = profiles_lib.decode_responses(self.writer_tokenizer, response_tokens, response_mask)
+    dec_tokens, dec_mask, truncated = profiles_lib.to_ranker_inputs(
+        texts, self.ranker_tokenizer, self.settings.data.decoder_max_len)
     profile_emb = self._embed(*(parallel.global_batch(
         {"t": dec_tokens, "m": dec_mask}, self.mesh, self.rules).values()))
     task_reward, rank_metrics = self.steps.rewards(profile_emb, item_emb, rows["target"],
@@ -259,17 +261,17 @@ class Trainer:
     batch = {"prompt_tokens": rows["prompt_tokens"], "prompt_mask": rows["prompt_mask"],
              "response_tokens": response_tokens, "response_mask": response_mask}
     logp_old, logp_ref, _ = self.policy_logprobs(
-        self.encoder_state.state, self.reference,
+        self.writer_state.state, self.reference,
         parallel.global_batch(rlso.scoring_batch(batch, out, self.rl_settings), self.mesh,
                               self.rules))
     total_reward, kl = rlso.shaped_rewards(task_reward, logp_old, logp_ref, self.rl_settings)
     batch.update(logp_old=logp_old, total_reward=total_reward, task_reward=task_reward, kl=kl)
     batch = distributed.to_host(batch)
     pass_metrics = []
-    for _ in range(int(self.config.rl.num_ppo_epochs)):
+    for _ in range(self.settings.rl.num_ppo_epochs):
       shuffled = rlso.shuffle_groups(batch, group, shuffle_rng)
-      self.encoder_state.state, m = self.rlso_pass(
-          self.encoder_state.state, parallel.global_batch(shuffled, self.mesh, self.rules))
+      self.writer_state.state, m = self.rlso_pass(
+          self.writer_state.state, parallel.global_batch(shuffled, self.mesh, self.rules))
       pass_metrics.append(m)
     metrics = _scalars(pass_metrics[0])  # reward/KL metrics are those of the rollout
     metrics["loss"] = float(np.mean([float(m["loss"]) for m in pass_metrics]))
@@ -281,30 +283,30 @@ class Trainer:
     rows, prompt_len = batch["prompt_tokens"].shape
     metrics.update(self.rl_timer.metrics(
         tokens=rows * (prompt_len + response_tokens.shape[1]),
-        flops=flops_lib.rlso_pass_flops(self.setup.encoder_config, rows, prompt_len,
+        flops=flops_lib.rlso_pass_flops(self.setup.writer_config, rows, prompt_len,
                                         response_tokens.shape[1],
-                                        trainable_params=self.setup.encoder_trainable),
+                                        trainable_params=self.setup.writer_trainable),
         prefix="rl_pass"))
     return metrics
 
   # --- models as they are now ------------------------------------------------
 
   def _embed(self, tokens, mask):
-    return self.steps.embed(self.decoder_state.state, tokens, mask)
+    return self.steps.embed(self.ranker_state.state, tokens, mask)
 
   def embed_texts(self, tokens: np.ndarray, mask: np.ndarray, desc: str) -> np.ndarray:
     return retrieval.embed_catalogue(self._embed, tokens, mask,
-                                     int(self.config.decoder.embed_batch_size), mesh=self.mesh,
+                                     self.settings.decoder.embed_batch_size, mesh=self.mesh,
                                      desc=desc)
 
   def write_profiles(self, users: UserSplit, key: jax.Array, *, greedy: bool = False,
                      desc: str = "writing profiles", settings=None) -> profiles_lib.Profiles:
     return profiles_lib.write_profiles(
-        self.encoder_state.model, users.prompt_tokens, users.prompt_mask,
-        settings=settings or self.sampling, encoder_tokenizer=self.encoder_tokenizer,
-        decoder_tokenizer=self.decoder_tokenizer,
-        decoder_max_len=int(self.config.data.decoder_max_len),
-        batch_size=int(self.config.train.profile_batch_size), rng=key, greedy=greedy,
+        self.writer_state.model, users.prompt_tokens, users.prompt_mask,
+        settings=settings or self.sampling, writer_tokenizer=self.writer_tokenizer,
+        ranker_tokenizer=self.ranker_tokenizer,
+        decoder_max_len=self.settings.data.decoder_max_len,
+        batch_size=self.settings.train.profile_batch_size, rng=key, greedy=greedy,
         mesh=self.mesh, rules=self.rules, desc=desc)
 
   # --- evaluation --------------------------------------------------------------
@@ -318,7 +320,7 @@ class Trainer:
     self.history.append(dict(entry, position=dataclasses.asdict(self.position)))
     if self.writer is not None:
       for name, values in entry["results"].items():
-        self.writer.write(self.position.global_step(self.config), values,
+        self.writer.write(self.position.global_step(self.settings), values,
                           prefix=f"eval/{entry['split']}/{name}")
     return entry["results"]
 
@@ -329,7 +331,7 @@ class Trainer:
     desc = f"iteration {iteration}: {'CL (decoder)' if phase == 'cl' else 'RL (encoder)'} updates"
     for step in observability.progress(range(start, stop), desc=desc, total=stop - start):
       self.position = LoopPosition(iteration, phase, step)
-      self.profile_window.step(self.position.global_step(self.config))
+      self.profile_window.step(self.position.global_step(self.settings))
       yield step
 
   def _after_step(self, metrics, phase: str, iteration: int, step: int) -> None:
@@ -339,15 +341,15 @@ class Trainer:
           f"{phase} step {step} of iteration {iteration}: loss is {metrics['loss']}; the run "
           "stops here and keeps its last good checkpoint (lower the learning rate?)")
     self.position = LoopPosition(iteration, phase, step + 1)
-    gstep = self.position.global_step(self.config)
-    if self.writer is not None and (step + 1) % int(self.config.logging.every_steps) == 0:
+    gstep = self.position.global_step(self.settings)
+    if self.writer is not None and (step + 1) % self.settings.logging.every_steps == 0:
       self.writer.write(gstep, metrics, prefix=phase)
     self.curves.append({"phase": phase, "step": gstep, **metrics})
     self._steps_this_run += 1
-    every = int(self.config.checkpoint.every_steps)
+    every = self.settings.checkpoint.every_steps
     # Every process asks at every step (JAX's sync point needs that), so before any `or`.
     preempted = self.preemption.reached(gstep)
-    stop = 0 < int(self.config.train.stop_after_steps) <= self._steps_this_run
+    stop = 0 < self.settings.train.stop_after_steps <= self._steps_this_run
     if (every > 0 and (step + 1) % every == 0) or stop or preempted:
       self._save(self.position)
     if preempted:
@@ -366,16 +368,16 @@ class Trainer:
     profiles = ({"texts": self.profiles.texts} if self.profiles is not None else {})
     latest = self.checkpointer.latest_step()
     self.checkpointer.save(0 if latest is None else latest + 1,
-                           encoder=self.encoder_state.trainable_state(),
-                           decoder=self.decoder_state.trainable_state(), loop=loop,
+                           encoder=self.writer_state.trainable_state(),
+                           decoder=self.ranker_state.trainable_state(), loop=loop,
                            profiles=profiles)
 
   def restore(self) -> bool:
     """Restores the latest checkpoint if there is one; True when it did."""
     if self.checkpointer is None or self.checkpointer.latest_step() is None:
       return False
-    enc_target = ckpt_lib.abstract_like(self.encoder_state.trainable_state())
-    dec_target = ckpt_lib.abstract_like(self.decoder_state.trainable_state())
+    enc_target = ckpt_lib.abstract_like(self.writer_state.trainable_state())
+    dec_target = ckpt_lib.abstract_like(self.ranker_state.trainable_state())
     restored = self.checkpointer.restore_latest(
         encoder_target=enc_target, decoder_target=dec_target,
         check=lambda loop: ckpt_lib.check_compatible(loop["fingerprint"], self.fingerprint,
@@ -383,16 +385,16 @@ class Trainer:
     if restored is None:
       return False
     step, enc, dec, loop, profiles = restored
-    self.encoder_state.load_trainable_state(enc)
-    self.decoder_state.load_trainable_state(dec)
+    self.writer_state.load_trainable_state(enc)
+    self.ranker_state.load_trainable_state(dec)
     self.position = LoopPosition(**loop["position"])
     self.history = list(loop.get("history", []))
     self.curves = list(loop.get("curves", []))
     self.evaluator.reference_ranks = dict(loop.get("reference_ranks", {}))
     self.evaluator.zero_shot_texts = dict(loop.get("zero_shot_texts", {}))
     if profiles.get("texts"):
-      tokens, mask, truncated = profiles_lib.to_decoder_inputs(
-          profiles["texts"], self.decoder_tokenizer, int(self.config.data.decoder_max_len))
+      tokens, mask, truncated = profiles_lib.to_ranker_inputs(
+          profiles["texts"], self.ranker_tokenizer, self.settings.data.decoder_max_len)
       self.profiles = profiles_lib.Profiles(profiles["texts"], tokens, mask, truncated)
     logging.info("resumed from checkpoint %d at %s", step, self.position)
     return True

@@ -151,7 +151,10 @@ def info_nce(query: Array, keys: Array, temperature: float = 0.1, ks: Sequence[i
     group = jnp.arange(b) // group_size
     drop = drop | (group[:, None] != group[None, :])
   logits = jnp.where(drop & ~eye, -jnp.inf, logits)
-  pos = jnp.diagonal(logits)
+  # The diagonal as a masked row sum (exact: one term per row). jnp.diagonal's gradient
+  # is a conditional holding collectives, which XLA:CPU may start in a different order
+  # on different devices of a sharded step and then wait on forever.
+  pos = jnp.sum(jnp.where(eye, logits, 0.0), axis=-1)
   nll = jax.nn.logsumexp(logits, axis=-1) - pos
   rank = jnp.sum(logits >= pos[:, None], axis=-1)
   w = _weights(valid, (b,))

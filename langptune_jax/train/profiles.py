@@ -24,8 +24,8 @@ class Profiles:
   """Profiles of a set of users, aligned with the rows given to :func:`write_profiles`."""
 
   texts: list[str]
-  decoder_tokens: np.ndarray  # int32 [U, L], right-padded
-  decoder_mask: np.ndarray  # [U, L]
+  ranker_tokens: np.ndarray  # int32 [U, L], right-padded
+  ranker_mask: np.ndarray  # [U, L]
   truncated: np.ndarray  # bool [U]
   response_tokens: np.ndarray | None = None  # int32 [U, N]
   response_mask: np.ndarray | None = None  # bool [U, N]
@@ -79,13 +79,13 @@ def decode_responses(tokenizer, tokens: np.ndarray, mask: np.ndarray) -> list[st
   return [t.strip() for t in tokenizer.batch_decode(rows, skip_special_tokens=True)]
 
 
-def to_decoder_inputs(texts: list[str], tokenizer, max_len: int):
+def to_ranker_inputs(texts: list[str], tokenizer, max_len: int):
   tokens, mask = embedder_lib.tokenize_texts(tokenizer, texts, max_len)
   return tokens, mask, np.asarray(embedder_lib.is_truncated(mask), bool)
 
 
 def write_profiles(model, prompt_tokens: np.ndarray, prompt_mask: np.ndarray, *,
-                   settings: SamplingSettings, encoder_tokenizer, decoder_tokenizer,
+                   settings: SamplingSettings, writer_tokenizer, ranker_tokenizer,
                    decoder_max_len: int, batch_size: int, rng: jax.Array, greedy: bool = False,
                    mesh=None, rules=parallel.DEFAULT_RULES, desc: str = "writing profiles",
                    keep_tokens: bool = False) -> Profiles:
@@ -103,11 +103,11 @@ def write_profiles(model, prompt_tokens: np.ndarray, prompt_mask: np.ndarray, *,
       out = generate(model, tok, msk, settings, jax.random.fold_in(rng, i), greedy=greedy)
       out_tokens, out_mask = distributed.to_host((out.tokens, out.response_mask))
       out_tokens, out_mask = out_tokens[: stop - start], out_mask[: stop - start]
-      texts.extend(decode_responses(encoder_tokenizer, out_tokens, out_mask))
+      texts.extend(decode_responses(writer_tokenizer, out_tokens, out_mask))
       if keep_tokens:
         responses.append(out_tokens)
         masks.append(out_mask)
-  tokens, mask, truncated = to_decoder_inputs(texts, decoder_tokenizer, decoder_max_len)
+  tokens, mask, truncated = to_ranker_inputs(texts, ranker_tokenizer, decoder_max_len)
   return Profiles(texts, tokens, mask, truncated,
                   np.concatenate(responses) if keep_tokens else None,
                   np.concatenate(masks) if keep_tokens else None)

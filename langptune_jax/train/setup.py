@@ -54,7 +54,7 @@ class TopLayersFilter:
     return False
 
 
-def decoder_trainable_filter(embedder: embedder_lib.Embedder, num_layers_unfrozen: int):
+def ranker_trainable_filter(embedder: embedder_lib.Embedder, num_layers_unfrozen: int):
   """All parameters (``num_layers_unfrozen < 0``) or those of the top blocks."""
   if num_layers_unfrozen < 0:
     return nnx.Param
@@ -65,7 +65,7 @@ def decoder_trainable_filter(embedder: embedder_lib.Embedder, num_layers_unfroze
   return TopLayersFilter(total - num_layers_unfrozen)
 
 
-def encoder_trainable_filter(encoder: nnx.Module, writer: settings_lib.ProfileWriterSettings):
+def writer_trainable_filter(encoder: nnx.Module, writer: settings_lib.ProfileWriterSettings):
   """The trainable filter of ``encoder.training`` (`writer`: the ``encoder`` section)."""
   return finetune.model_trainable_filter(encoder, writer.training, writer.num_layers_unfrozen)
 
@@ -196,16 +196,16 @@ class Steps:
   rewards: Callable  # (profile_emb, item_emb, targets, history, truncated) -> (reward, metrics)
 
 
-def make_steps(config: settings_lib.Settings, encoder_state: state_lib.TrainState,
-               decoder_state: state_lib.TrainState, rl_settings: rlso.RLSOSettings,
+def make_steps(config: settings_lib.Settings, writer_state: state_lib.TrainState,
+               ranker_state: state_lib.TrainState, rl_settings: rlso.RLSOSettings,
                sampling: profiles_lib.SamplingSettings, mesh,
                rules=parallel.DEFAULT_RULES) -> Steps:
   return Steps(
-      sample=make_sample(encoder_state, sampling, mesh, rules),
-      policy_logprobs=rlso.make_policy_logprobs(encoder_state, mesh, rl_settings, rules),
-      rlso_pass=rlso.make_rlso_pass(encoder_state, mesh, rl_settings, rules),
-      cl_step=make_cl_step(decoder_state, config.cl, mesh, rules),
-      embed=make_embed(decoder_state, mesh, rules),
+      sample=make_sample(writer_state, sampling, mesh, rules),
+      policy_logprobs=rlso.make_policy_logprobs(writer_state, mesh, rl_settings, rules),
+      rlso_pass=rlso.make_rlso_pass(writer_state, mesh, rl_settings, rules),
+      cl_step=make_cl_step(ranker_state, config.cl, mesh, rules),
+      embed=make_embed(ranker_state, mesh, rules),
       rewards=make_rewards(config.rl, mesh, rules))
 
 
@@ -216,18 +216,18 @@ class TrainingSetup:
   """Train states, reference policy, settings and jitted steps of one run."""
 
   settings: settings_lib.Settings  # the run's typed config, converted once
-  encoder_state: state_lib.TrainState
-  decoder_state: state_lib.TrainState
+  writer_state: state_lib.TrainState
+  ranker_state: state_lib.TrainState
   reference: finetune.ReferencePolicy
   rl_settings: rlso.RLSOSettings
   sampling: profiles_lib.SamplingSettings
   steps: Steps
-  encoder_trainable: int  # trainable parameter counts (for FLOPs and reports)
-  encoder_total: int
-  decoder_trainable: int
-  decoder_total: int
-  encoder_config: Any  # the models' architecture configs
-  decoder_config: Any
+  writer_trainable: int  # trainable parameter counts (for FLOPs and reports)
+  writer_total: int
+  ranker_trainable: int
+  ranker_total: int
+  writer_config: Any  # the models' architecture configs
+  ranker_config: Any
   mesh: Any
   rules: Any
 
@@ -236,18 +236,18 @@ def _count(model: nnx.Module, wrt) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(nnx.state(model, wrt)))
 
 
-def _assemble(config: settings_lib.Settings, encoder, decoder, encoder_state, decoder_state,
+def _assemble(config: settings_lib.Settings, encoder, decoder, writer_state, ranker_state,
               reference, sampling, mesh, rules) -> TrainingSetup:
   rl_settings = rlso.RLSOSettings.from_config(config.rl)
   return TrainingSetup(
-      settings=config, encoder_state=encoder_state, decoder_state=decoder_state,
+      settings=config, writer_state=writer_state, ranker_state=ranker_state,
       reference=reference, rl_settings=rl_settings, sampling=sampling,
-      steps=make_steps(config, encoder_state, decoder_state, rl_settings, sampling, mesh, rules),
-      encoder_trainable=_count(encoder, encoder_state.wrt),
-      encoder_total=_count(encoder, nnx.Param),
-      decoder_trainable=_count(decoder, decoder_state.wrt),
-      decoder_total=_count(decoder, nnx.Param),
-      encoder_config=encoder.config, decoder_config=decoder.model.config, mesh=mesh,
+      steps=make_steps(config, writer_state, ranker_state, rl_settings, sampling, mesh, rules),
+      writer_trainable=_count(encoder, writer_state.wrt),
+      writer_total=_count(encoder, nnx.Param),
+      ranker_trainable=_count(decoder, ranker_state.wrt),
+      ranker_total=_count(decoder, nnx.Param),
+      writer_config=encoder.config, ranker_config=decoder.model.config, mesh=mesh,
       rules=rules)
 
 
@@ -262,17 +262,17 @@ def build(config, encoder: nnx.Module, decoder: embedder_lib.Embedder, *, eos_id
   mode = config.encoder.training
   reference = finetune.ReferencePolicy.from_model(
       encoder, mode, num_layers_unfrozen=config.encoder.num_layers_unfrozen)
-  enc_wrt = encoder_trainable_filter(encoder, config.encoder)
-  dec_wrt = decoder_trainable_filter(decoder, config.decoder.num_layers_unfrozen)
+  enc_wrt = writer_trainable_filter(encoder, config.encoder)
+  dec_wrt = ranker_trainable_filter(decoder, config.decoder.num_layers_unfrozen)
   rl_total, cl_total = schedule_lengths(config)
-  encoder_state = state_lib.TrainState.create(
+  writer_state = state_lib.TrainState.create(
       encoder, state_lib.adamw(config.rl, rl_total), enc_wrt, mesh, rules)
-  decoder_state = state_lib.TrainState.create(
+  ranker_state = state_lib.TrainState.create(
       decoder, state_lib.adamw(config.cl, cl_total), dec_wrt, mesh, rules)
   if reference.state is not None:
     ref_shardings = parallel.state_shardings(reference.state, mesh, rules)
     reference = reference.replace(state=jax.device_put(reference.state, ref_shardings))
-  return _assemble(config, encoder, decoder, encoder_state, decoder_state, reference,
+  return _assemble(config, encoder, decoder, writer_state, ranker_state, reference,
                    sampling_settings(config, eos_ids, pad_id), mesh, rules)
 
 
@@ -301,18 +301,18 @@ def build_abstract(config, make_encoder: Callable[[], nnx.Module],
   """:func:`build` from shapes alone: no weights are loaded or allocated."""
   config = settings_lib.of(config)
   rl_total, cl_total = schedule_lengths(config)
-  encoder, encoder_state = _abstract_state(
+  encoder, writer_state = _abstract_state(
       lambda: add_adapters(make_encoder(), config, config.seed),
-      lambda m: encoder_trainable_filter(m, config.encoder),
+      lambda m: writer_trainable_filter(m, config.encoder),
       state_lib.adamw(config.rl, rl_total), mesh, rules)
-  decoder, decoder_state = _abstract_state(
-      make_decoder, lambda m: decoder_trainable_filter(m, config.decoder.num_layers_unfrozen),
+  decoder, ranker_state = _abstract_state(
+      make_decoder, lambda m: ranker_trainable_filter(m, config.decoder.num_layers_unfrozen),
       state_lib.adamw(config.cl, cl_total), mesh, rules)
   mode = config.encoder.training
   state = None
   if mode != "lora":  # the frozen copy of the trainable part
-    state = nnx.state(encoder, encoder_state.wrt)
+    state = nnx.state(encoder, writer_state.wrt)
     state = with_shardings(state, parallel.state_shardings(state, mesh, rules))
-  reference = finetune.ReferencePolicy(mode=mode, wrt=encoder_state.wrt, state=state)
-  return _assemble(config, encoder, decoder, encoder_state, decoder_state, reference,
+  reference = finetune.ReferencePolicy(mode=mode, wrt=writer_state.wrt, state=state)
+  return _assemble(config, encoder, decoder, writer_state, ranker_state, reference,
                    sampling_settings(config, eos_ids, pad_id), mesh, rules)
