@@ -59,7 +59,6 @@ def test_local_launch_runs_a_tiny_job(tmp_path, smollm2_gguf, minilm_dir, ml100k
   # Two processes x 2 devices, as on a 2-host slice: one job, one report from process 0.
   logs = _launch(tmp_path, 2, "train", workdir, overrides, devices=2)
   assert "results:" in logs[0] and "results:" not in logs[1], logs[0][-3000:]
-  assert all("process %d of 2" % i in log for i, log in enumerate(logs))
   assert (workdir / "results.json").is_file() and (workdir / "checkpoints").is_dir()
   for worker, log in enumerate(logs):
     # Each worker's pid file and latest-log link, as teardown.sh and logs.sh expect them.
