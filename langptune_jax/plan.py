@@ -282,12 +282,12 @@ def plan_config(config, mesh=None, *, compile_steps: bool = True,
   """
   from langptune_jax import sampling  # pylint: disable=g-import-not-at-top
 
-  config = settings_lib.of(config)
-  rules = parallel.rules_from_config(config.mesh.rules)
-  mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
-  hosts = num_processes(config, mesh, processes)
+  settings = settings_lib.of(config)
+  rules = parallel.rules_from_config(settings.mesh.rules)
+  mesh = mesh if mesh is not None else parallel.make_mesh(settings.mesh)
+  hosts = num_processes(settings, mesh, processes)
   dp = parallel.data_parallel_size(mesh, rules)
-  s = abstract_setup(config, mesh, rules)
+  s = abstract_setup(settings, mesh, rules)
   enc, dec = _models(s)
   ecfg: transformer.DecoderConfig = enc.config
 
@@ -295,7 +295,7 @@ def plan_config(config, mesh=None, *, compile_steps: bool = True,
   dec_frozen, dec_train, dec_opt = _split_state_bytes(dec)
   resident = {
       "encoder params (frozen)": enc_frozen,
-      f"encoder params (trainable: {config.encoder.training})": enc_train,
+      f"encoder params (trainable: {settings.encoder.training})": enc_train,
       "encoder optimizer (AdamW)": enc_opt,
       "decoder params (frozen)": dec_frozen,
       "decoder params (trainable)": dec_train,
@@ -309,21 +309,21 @@ def plan_config(config, mesh=None, *, compile_steps: bool = True,
   if s.reference.state is not None:
     ref_bytes = _struct_bytes(s.reference.state)
     resident["reference copy (frozen)"] = ref_bytes
-  notes += lora_notes(config, enc)
+  notes += lora_notes(settings, enc)
   state_bytes_enc = enc_frozen + enc_train + enc_opt
   state_bytes_dec = dec_frozen + dec_train + dec_opt
 
-  args = step_arguments(config, s, mesh, rules)
+  args = step_arguments(settings, s, mesh, rules)
   functions = step_functions(s)
-  g = config.rl.num_generations
+  g = settings.rl.num_generations
   rows, p_len = args["sample"][1].shape
-  n_new = config.rl.response_length
-  cache_len = config.encoder.cache_size or (sampling.bucket_length(p_len)
+  n_new = settings.rl.response_length
+  cache_len = settings.encoder.cache_size or (sampling.bucket_length(p_len)
                                                  + sampling.bucket_length(n_new))
-  kv = kv_cache_bytes(ecfg, rows, cache_len, mesh, rules, jnp.dtype(config.encoder.dtype))
-  micro, cl_micro = config.rl.micro_batch_size, config.cl.micro_batch_size
+  kv = kv_cache_bytes(ecfg, rows, cache_len, mesh, rules, jnp.dtype(settings.encoder.dtype))
+  micro, cl_micro = settings.rl.micro_batch_size, settings.cl.micro_batch_size
   cl_rows = args["cl/update"][1]["item_ids"].shape[0]
-  d_len = config.data.decoder_max_len
+  d_len = settings.data.decoder_max_len
   e_rows = args["embed"][1].shape[0]
   seq_shape = f"{rows} x ({p_len} + {n_new})"
   steps = [
@@ -357,11 +357,11 @@ def plan_config(config, mesh=None, *, compile_steps: bool = True,
   models = [
       f"encoder: {ecfg.family} {ecfg.num_layers} layers, d={ecfg.embed_dim}, "
       f"{enc.total_params / 1e6:.1f}M params + {enc.trainable_params / 1e6:.2f}M trainable "
-      f"({config.encoder.training}), compute {config.encoder.dtype}, "
-      f"params {config.encoder.param_dtype}, remat {config.encoder.remat}",
-      f"decoder: {config.decoder.family} {dec.config.num_layers} layers, "
-      f"{dec.total_params / 1e6:.1f}M params, compute {config.decoder.dtype}",
-      f"rollout: {rows} sequences ({config.rl.prompts_per_update} prompts x {g}), "
+      f"({settings.encoder.training}), compute {settings.encoder.dtype}, "
+      f"params {settings.encoder.param_dtype}, remat {settings.encoder.remat}",
+      f"decoder: {settings.decoder.family} {dec.config.num_layers} layers, "
+      f"{dec.total_params / 1e6:.1f}M params, compute {settings.decoder.dtype}",
+      f"rollout: {rows} sequences ({settings.rl.prompts_per_update} prompts x {g}), "
       f"prompt {p_len} + response {n_new}; CL batch {cl_rows}; data-parallel {dp}",
   ]
   return Plan(mesh=dict(mesh.shape), num_devices=mesh.size, backend=jax.default_backend(),
@@ -413,20 +413,20 @@ def largest_micro_batches(config, chip: flops.Chip, mesh=None, *,
   Sizes are tried from the largest down; each try compiles the steps that
   size bounds. The resident state does not depend on it.
   """
-  config = settings_lib.of(config)
-  rules = parallel.rules_from_config(config.mesh.rules)
-  mesh = mesh if mesh is not None else parallel.make_mesh(config.mesh)
+  settings = settings_lib.of(config)
+  rules = parallel.rules_from_config(settings.mesh.rules)
+  mesh = mesh if mesh is not None else parallel.make_mesh(settings.mesh)
   dp = parallel.data_parallel_size(mesh, rules)
   budget = chip.hbm_gib * GiB * headroom
   choices = []
   for field in fields:
     batch_field, per_unit_field, names = MICRO_BATCHES[field]
-    per_unit = _field(config, per_unit_field) if per_unit_field else 1
-    batch = _field(config, batch_field)
+    per_unit = _field(settings, per_unit_field) if per_unit_field else 1
+    batch = _field(settings, batch_field)
     tried: dict[int, int] = {}
     choice = MicroBatchChoice(field, None, 0, tried)
     for size in micro_batch_candidates(batch, per_unit, dp):
-      p = plan_config(_with_field(config, field, size), mesh, log=log, only=names, processes=1)
+      p = plan_config(_with_field(settings, field, size), mesh, log=log, only=names, processes=1)
       failed = [s.name for s in p.steps if s.error]
       total = p.peak_bytes if not failed else None
       log(f"plan: {field}={size}: " + (f"{total / GiB:.3f} GiB per device" if total is not None
