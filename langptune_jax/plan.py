@@ -22,7 +22,8 @@ To plan a mesh larger than the machine, run on CPU with emulated devices,
 e.g. ``JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=16``.
 XLA's CPU compiler assigns buffers differently from the TPU/GPU ones, so
 temporaries there are an estimate; parameter, optimizer and cache numbers are
-exact.
+exact. The abstract models and their bytes are :mod:`langptune_jax.plan_models`,
+the steps' abstract arguments and compilation :mod:`langptune_jax.plan_steps`.
 """
 
 from __future__ import annotations
@@ -30,234 +31,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import sys
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
-from langptune_jax import flops, fs, parallel
+from langptune_jax import flops, fs, parallel, plan_models, plan_steps
 from langptune_jax import settings as settings_lib
-from langptune_jax.models import presets, transformer
+from langptune_jax.models import transformer
 from langptune_jax.plan_report import HEADROOM, GiB, Plan, StepPlan  # noqa: F401  (GiB: public)
 
-# --- per-device bytes ----------------------------------------------------------
-
-def _leaf_bytes(value, sharding) -> int:
-  """Bytes one device holds of an array (abstract or not) with `sharding`."""
-  shape = tuple(value.shape)
-  local = sharding.shard_shape(shape) if sharding is not None else shape
-  return int(math.prod(local)) * jnp.dtype(value.dtype).itemsize
-
-
-def tree_bytes(state, shardings) -> int:
-  """Per-device bytes of an (abstract) state with its shardings."""
-  return sum(_leaf_bytes(v, s) for v, s in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)))
-
-
-def kv_cache_bytes(cfg: transformer.DecoderConfig, batch: int, cache_len: int, mesh,
-                   rules=parallel.DEFAULT_RULES, dtype=None) -> int:
-  """Per-device bytes of the KV cache: 2 x layers x [batch, kv_heads, len, head_dim]."""
-  shape = (batch, cfg.num_kv_heads, cache_len, cfg.head_dim)
-  spec = parallel.logical_to_spec(transformer.KV_AXES, rules, mesh)
-  sharding = NamedSharding(mesh, parallel.fit_spec(spec, shape, mesh))
-  item = jnp.dtype(dtype or cfg.compute_dtype).itemsize
-  return 2 * cfg.num_layers * int(math.prod(sharding.shard_shape(shape))) * item
-
-
-# --- abstract models -----------------------------------------------------------
-
-@dataclasses.dataclass
-class AbstractModel:
-  """A train state from shapes alone (``ShapeDtypeStruct`` leaves with shardings)."""
-  train_state: Any  # train.state.TrainState
-  config: Any  # the architecture's config
-  trainable_params: int
-  total_params: int
-
-  @property
-  def state(self):
-    return self.train_state.state
-
-  @property
-  def shardings(self):
-    return self.train_state.shardings
-
-
-def model_constructors(config) -> tuple[Callable[[], nnx.Module], Callable[[], nnx.Module]]:
-  """Constructors of the encoder (LLM) and decoder (embedder) from presets or config.json."""
-  from langptune_jax.models import bert  # pylint: disable=g-import-not-at-top
-  from langptune_jax.models import embedder as embedder_lib  # pylint: disable=g-import-not-at-top
-  settings = settings_lib.of(config)
-  e, r = settings.encoder, settings.decoder
-  ecfg = presets.decoder_config(e.preset, e.path, section="encoder",
-                                dtype=e.dtype, param_dtype=e.param_dtype, remat=e.remat)
-  if r.family == "bert":
-    rcfg = presets.bert_config(r.preset, r.path, dtype=jnp.dtype(r.dtype),
-                               param_dtype=jnp.dtype(r.param_dtype), remat=r.remat != "none")
-    make_model = lambda: bert.Bert(rcfg, rngs=nnx.Rngs(0))  # noqa: E731
-  else:
-    rcfg = presets.decoder_config(r.preset, r.path, section="decoder", dtype=r.dtype,
-                                  param_dtype=r.param_dtype, remat=r.remat)
-    make_model = lambda: transformer.Decoder(rcfg, rngs=nnx.Rngs(0))  # noqa: E731
-
-  def make_decoder():
-    return embedder_lib.Embedder(make_model(), family=r.family, pooling=r.pooling,
-                                 normalize=r.normalize)
-
-  return (lambda: transformer.Decoder(ecfg, rngs=nnx.Rngs(0))), make_decoder
-
-
-def abstract_setup(config, mesh, rules=parallel.DEFAULT_RULES, *, eos_ids=None,
-                   pad_id: int = 0):
-  """The training set-up of `config` (train.setup) from shapes alone.
-
-  `eos_ids` default to the encoder config's (the tokenizer may add more; they
-  change constants, not shapes).
-  """
-  from langptune_jax.train import setup  # pylint: disable=g-import-not-at-top
-  make_encoder, make_decoder = model_constructors(config)
-  if eos_ids is None:
-    eos_ids = tuple(nnx.eval_shape(make_encoder).config.eos_ids) or (1,)
-  return setup.build_abstract(config, make_encoder, make_decoder, eos_ids=eos_ids,
-                              pad_id=pad_id, mesh=mesh, rules=rules)
-
-
-def encoder_model(config, mesh, rules=parallel.DEFAULT_RULES) -> AbstractModel:
-  """The profile encoder (LLM) with LoRA / partial / full training and its AdamW."""
-  s = abstract_setup(config, mesh, rules)
-  return AbstractModel(s.writer_state, s.writer_config, s.writer_trainable, s.writer_total)
-
-
-def _models(s) -> tuple[AbstractModel, AbstractModel]:
-  return (AbstractModel(s.writer_state, s.writer_config, s.writer_trainable, s.writer_total),
-          AbstractModel(s.ranker_state, s.ranker_config, s.ranker_trainable, s.ranker_total))
-
-
-def _split_state_bytes(m: AbstractModel) -> tuple[int, int, int]:
-  """(frozen params, trainable params, optimizer state) per device."""
-  flat_state = dict(nnx.to_flat_state(m.state))
-  flat_shard = dict(nnx.to_flat_state(m.shardings))
-  is_trainable = nnx.filterlib.to_predicate(m.train_state.wrt)
-  frozen = trainable = opt = 0
-  for path, var in flat_state.items():
-    b = _leaf_bytes(var.get_value(), flat_shard[path].get_value())
-    if path[0] == 1:  # (model, optimizer) was split as a pair
-      opt += b
-    elif is_trainable(path[1:], var):
-      trainable += b
-    else:
-      frozen += b
-  return frozen, trainable, opt
-
-
-def lora_notes(config, m: AbstractModel) -> list[str]:
-  """Where the set-up (train.setup.add_adapters) put the encoder's adapters, from its state."""
-  settings = settings_lib.of(config)
-  if settings.encoder.training != "lora":
-    return []
-  from langptune_jax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
-  paths = [path[1:] for path in dict(nnx.to_flat_state(m.state)) if path[0] == 0]
-  sites = lora_lib.adapter_sites(paths)
-  notes = [f"LoRA r={settings.lora.rank} on {len(sites)} layers"]
-  if "head_lora" in sites:
-    notes[0] += ("; the encoder ties its embeddings, so the lm_head adapter acts on the output "
-                 "head only (the input embedding lookup is unchanged)")
-  return notes
-
-
-# --- compiling the steps ---------------------------------------------------------
-
-def _batch(mesh, rules, shape, dtype) -> jax.ShapeDtypeStruct:
-  sharding = parallel.batch_sharding(mesh, len(shape), rules)
-  sharding = NamedSharding(mesh, parallel.fit_spec(sharding.spec, shape, mesh))
-  return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-
-
-def _replicated(mesh, shape, dtype) -> jax.ShapeDtypeStruct:
-  return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, PartitionSpec()))
-
-
-def _compile(step: StepPlan, lower: Callable[[], Any], state_bytes: int, enabled: bool = True,
-             log: Callable[[str], Any] = logging.info):
-  """Compiles `lower()`; fills temporaries and i/o of `step`; returns the compiled object.
-
-  Before compiling, `step.io` holds an analytic estimate (the batch); XLA's
-  memory analysis replaces it. With `enabled=False` nothing is compiled.
-  """
-  import time  # pylint: disable=g-import-not-at-top
-  if not enabled:
-    return None
-  log(f"plan: compiling {step.name} ({step.shape})")
-  start = time.perf_counter()
-  try:
-    compiled = lower().compile()
-  except Exception as e:  # one failing step should not hide the others
-    logging.debug("plan: %s failed", step.name, exc_info=True)
-    step.error = f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"
-    return None
-  step.compile_s = time.perf_counter() - start
-  log(f"plan: {step.name} compiled in {step.compile_s:.1f}s")
-  analysis = compiled.memory_analysis()
-  if analysis is None:
-    step.temporaries = None
-  else:
-    args = int(analysis.argument_size_in_bytes)
-    outs = int(analysis.output_size_in_bytes)
-    alias = int(getattr(analysis, "alias_size_in_bytes", 0) or 0)
-    step.temporaries = int(analysis.temp_size_in_bytes)
-    step.io = max(args + outs - alias - state_bytes, 0)
-  return compiled
-
-
-def _struct_bytes(*structs) -> int:
-  return sum(_leaf_bytes(x, x.sharding) for x in jax.tree.leaves(structs))
-
-
-def step_arguments(config, s, mesh, rules=parallel.DEFAULT_RULES) -> dict[str, tuple]:
-  """Abstract arguments of each jitted step of set-up `s`, with the shapes `train` passes.
-
-  Rows are rounded up to the data-parallel size; prompts have the dataset's
-  width (``data.prompt_max_len``, the sampler buckets them itself); embedder
-  masks are int32 as the tokenizer writes them, prompt masks bool.
-  """
-  settings = settings_lib.of(config)
-  dp = parallel.data_parallel_size(mesh, rules)
-  rows = -(-settings.rl.prompts_per_update * settings.rl.num_generations // dp) * dp
-  p_len, n_new = settings.data.prompt_max_len, settings.rl.response_length
-  d_len = settings.data.decoder_max_len
-  prompt = {"prompt_tokens": _batch(mesh, rules, (rows, p_len), jnp.int32),
-            "prompt_mask": _batch(mesh, rules, (rows, p_len), jnp.bool_)}
-  seq = dict(prompt, response_tokens=_batch(mesh, rules, (rows, n_new), jnp.int32),
-             response_mask=_batch(mesh, rules, (rows, n_new), jnp.bool_))
-  per_row = _batch(mesh, rules, (rows,), jnp.float32)
-  rollout = dict(seq, logp_old=per_row, total_reward=per_row, task_reward=per_row, kl=per_row)
-  key = jax.eval_shape(lambda: jax.random.key(0))
-  key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
-  cl_rows = -(-settings.cl.batch_size // dp) * dp
-  text = lambda n: (_batch(mesh, rules, (n, d_len), jnp.int32),  # noqa: E731
-                    _batch(mesh, rules, (n, d_len), jnp.int32))
-  profile, item = text(cl_rows), text(cl_rows)
-  cl_batch = {"profile_tokens": profile[0], "profile_mask": profile[1], "item_tokens": item[0],
-              "item_mask": item[1], "item_ids": _batch(mesh, rules, (cl_rows,), jnp.int32)}
-  e_rows = -(-settings.decoder.embed_batch_size // dp) * dp
-  return {
-      "sample": (s.writer_state.state, prompt["prompt_tokens"], prompt["prompt_mask"], key),
-      "rlso/logprobs": (s.writer_state.state, s.reference, seq),
-      "rlso/update": (s.writer_state.state, rollout),
-      "cl/update": (s.ranker_state.state, cl_batch),
-      "embed": (s.ranker_state.state, *text(e_rows)),
-  }
-
-
-def step_functions(s) -> dict[str, Callable]:
-  """The jitted steps of set-up `s`, under the names of :func:`step_arguments`."""
-  return {"sample": s.steps.sample, "rlso/logprobs": s.steps.policy_logprobs,
-          "rlso/update": s.steps.rlso_pass, "cl/update": s.steps.cl_step,
-          "embed": s.steps.embed}
+# The steps' abstract arguments and functions, as the plan builds them.
+from langptune_jax.plan_steps import step_arguments, step_functions  # noqa: F401
 
 
 def num_processes(config, mesh, processes: int | None = None) -> int:
@@ -287,12 +73,12 @@ def plan_config(config, mesh=None, *, compile_steps: bool = True,
   mesh = mesh if mesh is not None else parallel.make_mesh(settings.mesh)
   hosts = num_processes(settings, mesh, processes)
   dp = parallel.data_parallel_size(mesh, rules)
-  s = abstract_setup(settings, mesh, rules)
-  enc, dec = _models(s)
+  s = plan_models.abstract_setup(settings, mesh, rules)
+  enc, dec = plan_models.models(s)
   ecfg: transformer.DecoderConfig = enc.config
 
-  enc_frozen, enc_train, enc_opt = _split_state_bytes(enc)
-  dec_frozen, dec_train, dec_opt = _split_state_bytes(dec)
+  enc_frozen, enc_train, enc_opt = plan_models.split_state_bytes(enc)
+  dec_frozen, dec_train, dec_opt = plan_models.split_state_bytes(dec)
   resident = {
       "encoder params (frozen)": enc_frozen,
       f"encoder params (trainable: {settings.encoder.training})": enc_train,
@@ -307,9 +93,9 @@ def plan_config(config, mesh=None, *, compile_steps: bool = True,
                  "float32 and schedules differently: an upper estimate for TPU/GPU")
   ref_bytes = 0
   if s.reference.state is not None:
-    ref_bytes = _struct_bytes(s.reference.state)
+    ref_bytes = plan_models.struct_bytes(s.reference.state)
     resident["reference copy (frozen)"] = ref_bytes
-  notes += lora_notes(settings, enc)
+  notes += plan_models.lora_notes(settings, enc)
   state_bytes_enc = enc_frozen + enc_train + enc_opt
   state_bytes_dec = dec_frozen + dec_train + dec_opt
 
@@ -320,25 +106,27 @@ def plan_config(config, mesh=None, *, compile_steps: bool = True,
   n_new = settings.rl.response_length
   cache_len = settings.encoder.cache_size or (sampling.bucket_length(p_len)
                                                  + sampling.bucket_length(n_new))
-  kv = kv_cache_bytes(ecfg, rows, cache_len, mesh, rules, jnp.dtype(settings.encoder.dtype))
+  kv = plan_models.kv_cache_bytes(ecfg, rows, cache_len, mesh, rules,
+                                  jnp.dtype(settings.encoder.dtype))
   micro, cl_micro = settings.rl.micro_batch_size, settings.cl.micro_batch_size
   cl_rows = args["cl/update"][1]["item_ids"].shape[0]
   d_len = settings.data.decoder_max_len
   e_rows = args["embed"][1].shape[0]
   seq_shape = f"{rows} x ({p_len} + {n_new})"
+  struct_bytes = plan_models.struct_bytes
   steps = [
       # The rollout traced as one program: its peak covers the prompt pass, the KV
       # cache and the decode loop together.
       StepPlan("sample", f"{seq_shape}, cache {cache_len}", kv_cache=kv,
-               io=kv + _struct_bytes(args["sample"][1:3]) + 3 * _struct_bytes(
-                   _batch(mesh, rules, (rows, n_new), jnp.float32))),
-      StepPlan("rlso/logprobs", seq_shape, io=_struct_bytes(args["rlso/logprobs"][2])),
+               io=kv + struct_bytes(args["sample"][1:3]) + 3 * struct_bytes(
+                   plan_steps.batch_struct(mesh, rules, (rows, n_new), jnp.float32))),
+      StepPlan("rlso/logprobs", seq_shape, io=struct_bytes(args["rlso/logprobs"][2])),
       StepPlan("rlso/update", seq_shape + (f", micro {micro * g}" if micro else ""),
-               io=_struct_bytes(args["rlso/update"][1])),
+               io=struct_bytes(args["rlso/update"][1])),
       StepPlan("cl/update", f"{cl_rows} x 2 x {d_len}" + (f", micro {cl_micro}" if cl_micro
                                                            else ""),
-               io=_struct_bytes(args["cl/update"][1])),
-      StepPlan("embed", f"{e_rows} x {d_len}", io=_struct_bytes(args["embed"][1:])),
+               io=struct_bytes(args["cl/update"][1])),
+      StepPlan("embed", f"{e_rows} x {d_len}", io=struct_bytes(args["embed"][1:])),
   ]
   resident_in = {"sample": state_bytes_enc, "rlso/logprobs": state_bytes_enc + ref_bytes,
                  "rlso/update": state_bytes_enc, "cl/update": state_bytes_dec,
@@ -346,7 +134,7 @@ def plan_config(config, mesh=None, *, compile_steps: bool = True,
   steps = [step for step in steps if not only or step.name in only]
   for step in steps:
     fn, step_args = functions[step.name], args[step.name]
-    _compile(step, lambda: fn.lower(*step_args), resident_in[step.name], compile_steps, log)
+    plan_steps.compile_step(step, lambda: fn.lower(*step_args), resident_in[step.name], compile_steps, log)
   rollout = steps[0]
   # XLA's analysis counts the cache among the temporaries; keep the columns apart.
   if (rollout.name == "sample" and rollout.temporaries is not None

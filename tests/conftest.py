@@ -1,5 +1,6 @@
 """Test setup: 8 emulated CPU devices (set before jax is imported) and asset fixtures."""
 
+import gc
 import os
 import tempfile
 
@@ -22,6 +23,19 @@ jax.config.update("jax_compilation_cache_dir",
                                  os.path.join(tempfile.gettempdir(), "langptune_jax_xla_cache")))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+  """After each test module, drop its objects and JAX's in-memory compiled programs.
+
+  Every Trainer jits its own steps; without this the executables of all earlier
+  modules stay in memory for the whole session (the persistent cache above
+  still serves recompiles).
+  """
+  yield
+  gc.collect()
+  jax.clear_caches()
 
 
 def _asset(name):

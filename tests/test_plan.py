@@ -8,7 +8,7 @@ import types
 import jax
 import pytest
 
-from langptune_jax import flops, parallel
+from langptune_jax import flops, parallel, plan_models
 from langptune_jax import plan as plan_lib
 from langptune_jax.models import presets
 
@@ -85,11 +85,11 @@ def test_state_bytes_match_the_real_model():
 
   from langptune_jax.models import transformer  # pylint: disable=g-import-not-at-top
   mesh = _mesh(8, data=2, fsdp=2, tensor=2)
-  abstract = plan_lib.encoder_model(tiny_config(), mesh)
+  abstract = plan_models.encoder_model(tiny_config(), mesh)
   model = transformer.Decoder(abstract.config, rngs=nnx.Rngs(0))
   real = nnx.state(parallel.shard_module(model, mesh))
   real_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(real))
-  frozen, _, _ = plan_lib._split_state_bytes(abstract)  # pylint: disable=protected-access
+  frozen, _, _ = plan_models.split_state_bytes(abstract)
   assert frozen == real_bytes
 
 
@@ -128,12 +128,12 @@ def test_lora_report_names_the_adapters_training_adds():
   config = tiny_config()
   assert "lm_head" in config.lora.targets
   mesh = _mesh(2, fsdp=2)
-  abstract = plan_lib.encoder_model(config, mesh)
+  abstract = plan_models.encoder_model(config, mesh)
   assert abstract.config.tie_embeddings
   real = setup.add_adapters(transformer.Decoder(abstract.config, rngs=nnx.Rngs(0)), config, 0)
   real_sites = lora_lib.adapter_sites(dict(nnx.to_flat_state(nnx.state(real))))
   assert "head_lora" in real_sites and len(real_sites) == 2 * 7 + 1  # 2 blocks x 7 linears
-  planned = plan_lib.lora_notes(config, abstract)
+  planned = plan_models.lora_notes(config, abstract)
   assert planned == [f"LoRA r={config.lora.rank} on {len(real_sites)} layers; the encoder ties "
                      "its embeddings, so the lm_head adapter acts on the output head only (the "
                      "input embedding lookup is unchanged)"]

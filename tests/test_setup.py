@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import planted  # noqa: E402
 import tiny  # noqa: E402
 
-from langptune_jax import parallel  # noqa: E402
+from langptune_jax import parallel, plan_models  # noqa: E402
 from langptune_jax import plan as plan_lib  # noqa: E402
 from langptune_jax.train import loop  # noqa: E402
 from langptune_jax.train import profiles as profiles_lib  # noqa: E402
@@ -72,12 +72,12 @@ def test_plan_compiles_the_steps_train_runs(tmp_path, monkeypatch, training):
                          decoder=planted.tiny_decoder(len(tok)), writer_tokenizer=tok,
                          ranker_tokenizer=tok, mesh=mesh)
   # Record what the training loop passes to each jitted step.
-  recorders = {"rlso/logprobs": _Recorder(trainer.policy_logprobs),
-               "rlso/update": _Recorder(trainer.rlso_pass),
+  recorders = {"rlso/logprobs": _Recorder(trainer.rlso_update.policy_logprobs),
+               "rlso/update": _Recorder(trainer.rlso_update.rlso_pass),
                "cl/update": _Recorder(trainer.cl_step),
                "embed": _Recorder(trainer.steps.embed)}
-  trainer.policy_logprobs = recorders["rlso/logprobs"]
-  trainer.rlso_pass = recorders["rlso/update"]
+  trainer.rlso_update.policy_logprobs = recorders["rlso/logprobs"]
+  trainer.rlso_update.rlso_pass = recorders["rlso/update"]
   trainer.cl_step = recorders["cl/update"]
   trainer.steps = trainer.steps.__class__(**dict(vars(trainer.steps),
                                                  embed=recorders["embed"]))
@@ -94,10 +94,10 @@ def test_plan_compiles_the_steps_train_runs(tmp_path, monkeypatch, training):
   trainer.rl_phase(0)
 
   # The plan's set-up of the same config, on the same models and mesh.
-  monkeypatch.setattr(plan_lib, "model_constructors", lambda config: (
+  monkeypatch.setattr(plan_models, "model_constructors", lambda config: (
       lambda: planted.tiny_encoder(len(tok)), lambda: planted.tiny_decoder(len(tok))))
-  planned = plan_lib.abstract_setup(cfg, mesh, trainer.rules, eos_ids=trainer.sampling.eos_ids,
-                                    pad_id=trainer.sampling.pad_id)
+  planned = plan_models.abstract_setup(cfg, mesh, trainer.rules,
+                                       eos_ids=trainer.sampling.eos_ids, pad_id=trainer.sampling.pad_id)
   plan_args = plan_lib.step_arguments(cfg, planned, mesh, trainer.rules)
   plan_fns = plan_lib.step_functions(planned)
   train_fns = plan_lib.step_functions(trainer.setup)

@@ -14,8 +14,8 @@ schedule:
 
 Every random draw (batch order, sampling keys) is derived from (seed, iteration,
 phase, step), so the loop position saved in a checkpoint is all that is needed
-to continue a run exactly. Evaluation and baselines live in
-:mod:`langptune_jax.train.evaluation`.
+to continue a run exactly. One RLSO update is :mod:`langptune_jax.train.rl_update`;
+evaluation and baselines live in :mod:`langptune_jax.train.evaluation`.
 """
 
 from __future__ import annotations
@@ -29,50 +29,18 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
-from langptune_jax import distributed, fs, observability, parallel, preemption
 from langptune_jax import flops as flops_lib
-from langptune_jax import settings as settings_lib
+from langptune_jax import fs, observability, parallel, preemption
 from langptune_jax.models import embedder as embedder_lib
 from langptune_jax.rec import retrieval
 from langptune_jax.train import checkpoint as ckpt_lib
-from langptune_jax.train import evaluation, rlso
+from langptune_jax.train import evaluation, rl_update
 from langptune_jax.train import profiles as profiles_lib
 from langptune_jax.train import setup as setup_lib
 from langptune_jax.train.batches import batch_rows, cl_batch, key_for, rng_for
+from langptune_jax.train.position import LoopPosition, NonFiniteLossError, Preempted, StopRequested
 from langptune_jax.train.run_data import RunData, UserSplit
 from langptune_jax.weights import tokenizer as tok_lib
-
-PHASES = ("cl", "rl")
-
-
-class NonFiniteLossError(FloatingPointError):
-  """A loss became NaN or inf; the run stops and keeps its last good checkpoint."""
-
-
-class StopRequested(Exception):
-  """Raised internally once ``train.stop_after_steps`` updates have run."""
-
-
-class Preempted(StopRequested):
-  """Raised internally at the step boundary all processes agreed on after a SIGTERM."""
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopPosition:
-  """Where the schedule is: the next step to run of `phase` in `iteration`."""
-
-  iteration: int = 0
-  phase: str = "cl"
-  step: int = 0
-
-  def global_step(self, settings: settings_lib.Settings) -> int:
-    cl_steps = settings.cl.num_emb_updates
-    offset = 0 if self.phase == "cl" else cl_steps
-    return self.iteration * (cl_steps + settings.rl.num_lm_updates) + offset + self.step
-
-
-def _scalars(metrics: dict) -> dict[str, float]:
-  return {k: float(v) for k, v in distributed.to_host(metrics).items()}
 
 
 class Trainer:
@@ -103,7 +71,6 @@ class Trainer:
     self.rl_settings = self.setup.rl_settings
     self.sampling = self.setup.sampling
     self.steps = self.setup.steps
-    self.policy_logprobs = self.steps.policy_logprobs
     # Step time apart from compile time, tokens/s and MFU in the metrics; the
     # optional XLA trace of a window of steps (config.profile).
     peak = flops_lib.peak_tflops(self.settings.profile.peak_tflops)
@@ -111,8 +78,13 @@ class Trainer:
                                         peak_tflops_per_device=peak)
     self.cl_timer = flops_lib.StepTimer("cl", num_devices=self.mesh.size,
                                         peak_tflops_per_device=peak)
-    self.rlso_pass = self.rl_timer.wrap(self.steps.rlso_pass)
     self.cl_step = self.cl_timer.wrap(self.steps.cl_step)
+    self.rlso_update = rl_update.RlsoUpdate(
+        self.setup, writer_tokenizer=writer_tokenizer, ranker_tokenizer=ranker_tokenizer,
+        embed=self._embed, mesh=self.mesh, rules=self.rules, timer=self.rl_timer)
+    # The jitted RL steps, for callers that run them directly.
+    self.policy_logprobs = self.rlso_update.policy_logprobs
+    self.rlso_pass = self.rlso_update.rlso_pass
     self.profile_window = observability.ProfileWindow(config.profile,
                                                       fs.join(workdir, "profile"))
     self.evaluator = evaluation.Evaluator(
@@ -240,55 +212,6 @@ class Trainer:
                                  rng_for(self.seed, iteration, 4, step))
       self._after_step(metrics, "rl", iteration, step)
 
-  def rlso_update(self, prompts: UserSplit, item_emb, key: jax.Array,
-                  shuffle_rng: np.random.Generator) -> dict[str, float]:
-    """One RLSO update: rollout, rewards, reference log-probs, num_ppo_epochs passes."""
-    group = self.rl_settings.group_size
-    rows = rlso.repeat_prompts({"prompt_tokens": prompts.prompt_tokens,
-                                "prompt_mask": prompts.prompt_mask,
-                                "target": prompts.target, "history": prompts.history}, group)
-    with parallel.use_mesh(self.mesh, self.rules):
-      out = profiles_lib.generate(self.writer_state.model, rows["prompt_tokens"],
-                                  rows["prompt_mask"], self.sampling, key)
-    response_tokens, response_mask = distributed.to_host((out.tokens, out.response_mask))
-    texts = profiles_lib.decode_responses(self.writer_tokenizer, response_tokens, response_mask)
-    dec_tokens, dec_mask, truncated = profiles_lib.to_ranker_inputs(
-        texts, self.ranker_tokenizer, self.settings.data.decoder_max_len)
-    profile_emb = self._embed(*(parallel.global_batch(
-        {"t": dec_tokens, "m": dec_mask}, self.mesh, self.rules).values()))
-    task_reward, rank_metrics = self.steps.rewards(profile_emb, item_emb, rows["target"],
-                                              rows["history"], truncated)
-    batch = {"prompt_tokens": rows["prompt_tokens"], "prompt_mask": rows["prompt_mask"],
-             "response_tokens": response_tokens, "response_mask": response_mask}
-    logp_old, logp_ref, _ = self.policy_logprobs(
-        self.writer_state.state, self.reference,
-        parallel.global_batch(rlso.scoring_batch(batch, out, self.rl_settings), self.mesh,
-                              self.rules))
-    total_reward, kl = rlso.shaped_rewards(task_reward, logp_old, logp_ref, self.rl_settings)
-    batch.update(logp_old=logp_old, total_reward=total_reward, task_reward=task_reward, kl=kl)
-    batch = distributed.to_host(batch)
-    pass_metrics = []
-    for _ in range(self.settings.rl.num_ppo_epochs):
-      shuffled = rlso.shuffle_groups(batch, group, shuffle_rng)
-      self.writer_state.state, m = self.rlso_pass(
-          self.writer_state.state, parallel.global_batch(shuffled, self.mesh, self.rules))
-      pass_metrics.append(m)
-    metrics = _scalars(pass_metrics[0])  # reward/KL metrics are those of the rollout
-    metrics["loss"] = float(np.mean([float(m["loss"]) for m in pass_metrics]))
-    last = _scalars(pass_metrics[-1])
-    metrics.update(ratio=last["ratio"], approx_kl=last["approx_kl"])
-    metrics.update({f"batch_{k}": v for k, v in _scalars(rank_metrics).items()})
-    metrics["truncated_fraction"] = float(np.mean(truncated))
-    metrics["response_length"] = float(response_mask.sum(axis=1).mean())
-    rows, prompt_len = batch["prompt_tokens"].shape
-    metrics.update(self.rl_timer.metrics(
-        tokens=rows * (prompt_len + response_tokens.shape[1]),
-        flops=flops_lib.rlso_pass_flops(self.setup.writer_config, rows, prompt_len,
-                                        response_tokens.shape[1],
-                                        trainable_params=self.setup.writer_trainable),
-        prefix="rl_pass"))
-    return metrics
-
   # --- models as they are now ------------------------------------------------
 
   def _embed(self, tokens, mask):
@@ -335,7 +258,7 @@ class Trainer:
       yield step
 
   def _after_step(self, metrics, phase: str, iteration: int, step: int) -> None:
-    metrics = _scalars(metrics)
+    metrics = rl_update.scalars(metrics)
     if not math.isfinite(metrics.get("loss", 0.0)):
       raise NonFiniteLossError(
           f"{phase} step {step} of iteration {iteration}: loss is {metrics['loss']}; the run "
