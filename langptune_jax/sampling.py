@@ -460,6 +460,16 @@ def _chunked_logprobs(model, hidden, targets, temperature, chunk, return_entropy
   return picked, ent
 
 
+def _response_sums(picked, entropy, response_mask, return_entropy):
+  """Per-row sum of the response tokens' log-probs (and their mean entropy)."""
+  weights = response_mask.astype(jnp.float32)
+  logp = jnp.sum(picked * weights, axis=-1)
+  if return_entropy:
+    count = jnp.maximum(jnp.sum(weights, axis=-1), 1.0)
+    return logp, jnp.sum(entropy * weights, axis=-1) / count
+  return logp
+
+
 def token_logprobs(model: nnx.Module, tokens: jax.Array, mask: jax.Array, *,
                    temperature: float = 1.0, return_entropy: bool = False,
                    chunk_size: int = 128):
@@ -518,12 +528,7 @@ def sequence_logprobs(model: nnx.Module, prompt_tokens: jax.Array, prompt_mask: 
   # Hidden state at t predicts token t + 1: positions p-1 .. p+n-2 predict the response.
   picked, ent = _chunked_logprobs(model, hidden[:, p - 1:p + n - 1], tokens[:, p:], temperature,
                                   chunk_size, return_entropy)
-  weights = response_mask.astype(jnp.float32)
-  logp = jnp.sum(picked * weights, axis=-1)
-  if return_entropy:
-    count = jnp.maximum(jnp.sum(weights, axis=-1), 1.0)
-    return logp, jnp.sum(ent * weights, axis=-1) / count
-  return logp
+  return _response_sums(picked, ent, response_mask, return_entropy)
 
 
 def grouped_causal_mask(prompt_mask: jax.Array, response_mask: jax.Array) -> jax.Array:
@@ -587,12 +592,7 @@ def grouped_sequence_logprobs(model: nnx.Module, prompt_tokens: jax.Array,
   hidden = hidden[:, source].reshape(rows, n, hidden.shape[-1])
   picked, ent = _chunked_logprobs(model, hidden, response_tokens, temperature, chunk_size,
                                   return_entropy)
-  weights = response_mask.astype(jnp.float32)
-  logp = jnp.sum(picked * weights, axis=-1)
-  if return_entropy:
-    count = jnp.maximum(jnp.sum(weights, axis=-1), 1.0)
-    return logp, jnp.sum(ent * weights, axis=-1) / count
-  return logp
+  return _response_sums(picked, ent, response_mask, return_entropy)
 
 
 def reference_token_logprobs(reference, model: nnx.Module, tokens, mask, *,

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from langptune_jax import fs, sampling
+from langptune_jax import fs, observability, sampling
 from langptune_jax import settings as settings_lib
 from langptune_jax.serve.ranker import on_one_device
 from langptune_jax.weights import tokenizer as tok_lib
@@ -60,10 +60,10 @@ def candidates(target: int, exclude: Sequence[int], num_items: int, n: int,
 
 
 def accuracy(choose: Chooser, profiles: Sequence[str], cases: Sequence[tuple[list[int], int]],
-             item_text: Sequence[str]) -> dict:
+             item_text: Sequence[str], desc: str = "judging") -> dict:
   """Accuracy of `choose` over (candidates, target position) cases, with chance and interval."""
-  correct = sum(int(choose(p, [item_text[i] for i in items]) == pos)
-                for p, (items, pos) in zip(profiles, cases))
+  pairs = observability.progress(list(zip(profiles, cases)), desc=desc)
+  correct = sum(int(choose(p, [item_text[i] for i in items]) == pos) for p, (items, pos) in pairs)
   total = len(cases)
   low, high = wilson_interval(correct, total)
   n = len(cases[0][0]) if cases else 0
@@ -159,8 +159,8 @@ def judge_run(config, session, choose: Chooser) -> dict:
                                        temperature=0.0 if greedy else None, zero_shot=zero_shot))
   text = session.data.item_text
   return {"split": settings.eval.split, "num_candidates": n, "users": ids,
-          "zero_shot": accuracy(choose, zero, cases, text),
-          "trained": accuracy(choose, trained, cases, text)}
+          "zero_shot": accuracy(choose, zero, cases, text, "judging zero-shot profiles"),
+          "trained": accuracy(choose, trained, cases, text, "judging trained profiles")}
 
 
 def format_table(result: dict) -> str:
