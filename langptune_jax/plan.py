@@ -74,7 +74,7 @@ def plan_config(config, mesh=None, *, compile_steps: bool = True,
   hosts = num_processes(settings, mesh, processes)
   dp = parallel.data_parallel_size(mesh, rules)
   s = plan_models.abstract_setup(settings, mesh, rules)
-  enc, dec = plan_models.models(s)
+  enc, dec = plan_models.abstract_models(s)
   ecfg: transformer.DecoderConfig = enc.config
 
   enc_frozen, enc_train, enc_opt = plan_models.split_state_bytes(enc)

@@ -28,11 +28,6 @@ def _leaf_bytes(value, sharding) -> int:
   return int(math.prod(local)) * jnp.dtype(value.dtype).itemsize
 
 
-def tree_bytes(state, shardings) -> int:
-  """Per-device bytes of an (abstract) state with its shardings."""
-  return sum(_leaf_bytes(v, s) for v, s in zip(jax.tree.leaves(state), jax.tree.leaves(shardings)))
-
-
 def kv_cache_bytes(cfg: transformer.DecoderConfig, batch: int, cache_len: int, mesh,
                    rules=parallel.DEFAULT_RULES, dtype=None) -> int:
   """Per-device bytes of the KV cache: 2 x layers x [batch, kv_heads, len, head_dim]."""
@@ -101,15 +96,15 @@ def abstract_setup(config, mesh, rules=parallel.DEFAULT_RULES, *, eos_ids=None,
                               pad_id=pad_id, mesh=mesh, rules=rules)
 
 
-def encoder_model(config, mesh, rules=parallel.DEFAULT_RULES) -> AbstractModel:
-  """The profile encoder (LLM) with LoRA / partial / full training and its AdamW."""
-  s = abstract_setup(config, mesh, rules)
-  return AbstractModel(s.writer_state, s.writer_config, s.writer_trainable, s.writer_total)
-
-
-def models(s) -> tuple[AbstractModel, AbstractModel]:
+def abstract_models(s) -> tuple[AbstractModel, AbstractModel]:
+  """(writer, ranker) of an abstract set-up `s`, with their parameter counts."""
   return (AbstractModel(s.writer_state, s.writer_config, s.writer_trainable, s.writer_total),
           AbstractModel(s.ranker_state, s.ranker_config, s.ranker_trainable, s.ranker_total))
+
+
+def encoder_model(config, mesh, rules=parallel.DEFAULT_RULES) -> AbstractModel:
+  """The profile encoder (LLM) with LoRA / partial / full training and its AdamW."""
+  return abstract_models(abstract_setup(config, mesh, rules))[0]
 
 
 def split_state_bytes(m: AbstractModel) -> tuple[int, int, int]:
