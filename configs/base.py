@@ -158,6 +158,9 @@ def get_config() -> ml_collections.ConfigDict:
   ev.temperature = 1.0  # profile sampling temperature at evaluation
   ev.max_users = 0  # 0: the whole split
   ev.greedy = False  # profiles for evaluation: sampled at eval.temperature, or greedy
+  # Readability beside the ranking metrics: distinct-1/2 always, and with this the profiles'
+  # perplexity under the frozen reference writer (one forward pass per evaluated profile).
+  ev.reference_perplexity = True
   # reference_query: the last history item's text as the query; history: the raw prompt
   # embedded by a copy of the decoder fine-tuned on (prompt, target) pairs; popularity;
   # random; sasrec: a self-attentive sequential recommender on the same splits.

@@ -55,6 +55,7 @@ def get_config():
 
   c.eval.ks = (1, 5, 10)
   c.eval.max_users = 16
+  c.eval.reference_perplexity = False  # tests that read it turn it on
   c.baselines.history_pad_len = 48  # a few steps on short texts keep the baseline cheap
   c.baselines.history_max_len = 32
   c.baselines.history_batch_size = 8

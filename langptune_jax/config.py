@@ -524,6 +524,7 @@ def _validate_schedule_and_eval(c: _Checker) -> None:
   c.integer("baselines.history_steps", lo=0)
   c.integer("eval.max_users", lo=0, rule="must be >= 0 (0: the whole split)")
   c.boolean("eval.greedy")
+  c.boolean("eval.reference_perplexity")
   c.integer("eval.sasrec_steps", lo=1)
   c.sequence("eval.baselines", lambda b: b in BASELINES,
              f"each baseline must be one of {', '.join(BASELINES)}", nonempty=False)

@@ -266,6 +266,11 @@ def to_host(tree: Any) -> Any:
   return jax.tree.map(one, tree)
 
 
+def host_scalars(metrics: dict) -> dict[str, float]:
+  """A step's metrics as host floats, the same on every process."""
+  return {k: float(v) for k, v in to_host(metrics).items()}
+
+
 def describe(devices: Sequence[jax.Device] | None = None) -> str:
   """One line about the processes and devices, for logs."""
   devices = list(devices or jax.devices())

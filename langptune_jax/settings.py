@@ -173,6 +173,7 @@ class EvalSettings:
   greedy: bool
   baselines: tuple[str, ...]
   sasrec_steps: int
+  reference_perplexity: bool
 
 
 @dataclasses.dataclass(frozen=True)

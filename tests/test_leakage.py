@@ -29,7 +29,7 @@ def run(tmp_path_factory):
   cfg.eval.bootstrap_samples = 200
   cfg.eval.baselines = ("reference_query", "history", "popularity", "random", "sasrec")
   trainer = test_train.make_trainer(cfg, workdir, num_devices=1)
-  seen = {"cl_profiles": set(), "rl_prompts": set(), "sasrec_sequences": []}
+  seen = {"cl_profiles": set(), "rl_prompts": set(), "sasrec_sequences": [], "sasrec_fits": 0}
   write_profiles, rlso_update = trainer.write_profiles, trainer.rlso_update
   train_sasrec = baselines_lib.train_sasrec
 
@@ -44,6 +44,7 @@ def run(tmp_path_factory):
 
   def spy_train_sasrec(sequences, *args, **kw):
     seen["sasrec_sequences"].extend(tuple(s.tolist()) for s in sequences)
+    seen["sasrec_fits"] += 1
     return train_sasrec(sequences, *args, **kw)
 
   trainer.write_profiles = spy_write_profiles
@@ -74,6 +75,15 @@ def test_every_fit_sees_train_users_only(run):
   train_sequences = {tuple(np.append(h[h >= 0], t).tolist())
                      for h, t in zip(data.train.history, data.train.target)}
   assert seen["sasrec_sequences"] and set(seen["sasrec_sequences"]) <= train_sequences
+
+
+def test_baselines_are_fitted_once_for_both_splits(run):
+  trainer, seen, _ = run
+  zero_shot = [e for e in trainer.history if e["tag"] == "zero_shot"]
+  assert sorted(e["split"] for e in zero_shot) == ["test", "val"]
+  assert all({"sasrec", "history"} <= set(e["results"]) for e in zero_shot)
+  assert seen["sasrec_fits"] == 1
+  assert trainer.evaluator.fits == {}  # dropped once the splits were ranked
 
 
 def test_final_table_is_on_test_with_intervals_and_cl_only(run):

@@ -263,8 +263,9 @@ def test_bad_arguments_raise(model):
 
 
 def test_bucket_length():
-  assert [sampling.bucket_length(n) for n in (1, 16, 17, 128, 129, 1024, 1025)] == \
-      [16, 16, 32, 128, 256, 1024, 2048]
+  lengths = (1, 16, 17, 21, 25, 128, 129, 150, 161, 192, 193, 900, 1024, 1025)
+  assert [sampling.bucket_length(n) for n in lengths] == \
+      [16, 16, 20, 24, 28, 128, 160, 160, 192, 192, 224, 1024, 1024, 2048]
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ import pathlib
 
 import ml_collections
 import pytest
+import test_config
 
 from configs import base
 from langptune_jax import config as config_lib
@@ -46,7 +47,8 @@ def test_a_field_without_a_rule_is_found():
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.py")), ids=lambda p: p.stem)
 def test_every_config_file_converts_field_for_field(path):
   config = config_lib.load_config(path)
-  settings = settings_lib.from_config(config_lib.validate(config, 8))
+  settings = settings_lib.from_config(
+      config_lib.validate(config, test_config.CONFIG_DEVICES.get(path.stem, 8)))
   flat = config_lib.flatten(config)
   typed = _leaves(settings)
   assert set(typed) == set(flat)

@@ -25,6 +25,7 @@ from langptune_jax.train import (  # noqa: E402
   contrastive,
   loop,
   losses,
+  report,
   rlso,
 )
 
@@ -298,7 +299,8 @@ def learning(tmp_path_factory):
   """The same schedule and greedy evaluation, once learning and once with lr ~ 0."""
   workdir = tmp_path_factory.mktemp("learning")
   cfg, data, history = alternating_run(workdir, rl__lr=1e-2, cl__lr=3e-3,
-                                       train__eval_every_iterations=1)
+                                       train__eval_every_iterations=1,
+                                       eval__reference_perplexity=True)
   _, _, frozen = alternating_run(tmp_path_factory.mktemp("frozen"), rl__lr=1e-12, cl__lr=1e-12,
                                  train__eval_every_iterations=2, eval__baselines=())
   return {"cfg": cfg, "data": data, "workdir": workdir, "history": history, "frozen": frozen}
@@ -323,6 +325,45 @@ def test_eval_every_iterations(learning):
                                                      "final"]
   assert [h["tag"] for h in learning["frozen"]] == ["zero_shot", "iteration_2", "final"]
   assert [h["position"]["iteration"] for h in learning["history"]] == [0, 1, 2, 2]
+
+
+def test_eval_every_zero_evaluates_the_final_split_only(tmp_path):
+  _, _, history = alternating_run(tmp_path, train__eval_every_iterations=0,
+                                  train__num_iterations=1, rl__num_lm_updates=1,
+                                  cl__num_emb_updates=1, eval__baselines=("popularity",),
+                                  eval__split="val", eval__final_split="test")
+  assert [(h["tag"], h["split"]) for h in history] == [("zero_shot", "test"), ("final", "test")]
+  assert "cl_only" in history[-1]["results"] and "popularity" in history[-1]["results"]
+
+
+def test_every_evaluation_reports_readability_beside_zero_shot(learning):
+  history = learning["history"]
+  zero_shot = history[0]["readability"]["zero_shot"]
+  for entry in history:
+    ours = entry["readability"][entry["tag"]]
+    assert 0.0 < ours["distinct_1"] <= 1.0 and 0.0 <= ours["distinct_2"] <= 1.0
+    ppl = ours["reference_perplexity"]
+    # Per-token probabilities under the reference lie in (0, 1]: perplexity >= 1.
+    assert 1.0 <= ppl["lo"] <= ppl["mean"] <= ppl["hi"]
+    if entry["tag"] != "zero_shot" and entry["split"] == history[0]["split"]:
+      assert entry["readability"]["zero_shot"] == zero_shot
+  # Greedy profiles of the untrained writer are its own argmax tokens: the trained writer's
+  # profiles are less likely under that reference than the reference's own.
+  final = history[-1]["readability"]["final"]["reference_perplexity"]["mean"]
+  assert final > zero_shot["reference_perplexity"]["mean"]
+
+
+def test_validation_curve_has_a_point_per_iteration(learning, tmp_path):
+  history = learning["history"]
+  points = report.validation_points(history, "val")
+  assert [p[0] for p in points] == [0, 1, 2]  # zero-shot, then after each iteration
+  for (_, value, lo, hi), entry in zip(points, history):
+    assert value == entry["results"][entry["tag"]]["ndcg@10"]
+    assert lo <= value <= hi
+  assert report.plot_validation(history, "val", str(tmp_path / "validation.png"))
+  assert (tmp_path / "validation.png").stat().st_size > 0
+  assert not report.plot_validation(history[:1], "val", str(tmp_path / "one.png"))
+  assert not (tmp_path / "one.png").exists()
 
 
 def test_evaluation_records_each_user(learning):

@@ -103,10 +103,12 @@ def _print_report(trainer: Trainer) -> None:
     return
   settings = trainer.setup.settings
   table = report.write_report(str(trainer.workdir), trainer.history, trainer.curves,
-                              settings.eval.ks, settings.logging.num_sample_profiles)
+                              settings.eval.ks, settings.logging.num_sample_profiles,
+                              validation_split=settings.eval.split)
   print(table)
   print(f"\nresults: {fs.join(trainer.workdir, 'results.md')} "
-        f"(plots: curves.png, metrics.png; profiles/: per-user profiles and ranks)")
+        f"(plots: curves.png, metrics.png and, when validated, validation.png; "
+        f"profiles/: per-user profiles and ranks)")
 
 
 def train(config, workdir) -> int:

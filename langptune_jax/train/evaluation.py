@@ -21,6 +21,7 @@ from langptune_jax import distributed, fs, observability, parallel
 from langptune_jax import settings as settings_lib
 from langptune_jax.data import prompts as prompts_lib
 from langptune_jax.rec import metrics as metrics_lib
+from langptune_jax.rec import readability as readability_lib
 from langptune_jax.rec import retrieval
 from langptune_jax.rec import stats as stats_lib
 from langptune_jax.train import batches, setup
@@ -67,8 +68,15 @@ class Evaluator:
   writer_tokenizer: object = None
   sampling: object = None  # profile-writing settings at evaluation (eval.temperature)
   note_fit: Callable[[str, np.ndarray], None] = lambda name, users: None
+  # reference_logprobs(prompt_tokens, prompt_mask, response_tokens, response_mask) -> [U]:
+  # each profile's log-prob under the frozen reference writer (the perplexity readout)
+  reference_logprobs: Callable | None = None
   reference_ranks: dict = dataclasses.field(default_factory=dict)  # split -> row -> ranks
   zero_shot_texts: dict = dataclasses.field(default_factory=dict)  # split -> profile texts
+  zero_shot_readability: dict = dataclasses.field(default_factory=dict)  # split -> summary
+  # Baseline fits (SASRec, the history decoder) shared by the splits evaluated before
+  # training; `forget_fits` drops them once those evaluations are done.
+  fits: dict = dataclasses.field(default_factory=dict)
 
   @property
   def seed(self) -> int:
@@ -91,14 +99,18 @@ class Evaluator:
     item_emb = self.embed_texts(self.data.item_tokens, self.data.item_mask,
                                 f"{tag}: embedding items")
     profiles = self.write_profiles(users, key, greedy=cfg.greedy, desc=f"{tag}: profiles",
-                                   settings=self.sampling)
+                                   settings=self.sampling, keep_tokens=self._scores_perplexity)
+    readability = {tag: self.readability(users, profiles)}
     ranks = {tag: self._rank_texts(profiles.ranker_tokens, profiles.ranker_mask, users,
                                    item_emb, f"{tag}: embedding profiles")}
     kept = self.reference_ranks.setdefault(split, {})
     if tag == "zero_shot":
       self.zero_shot_texts[split] = list(profiles.texts)
+      self.zero_shot_readability[split] = readability[tag]
       kept["zero_shot"] = ranks[tag].tolist()
     elif split in self.zero_shot_texts:
+      if split in self.zero_shot_readability:
+        readability["zero_shot"] = self.zero_shot_readability[split]
       tokens, mask, _ = profiles_lib.to_ranker_inputs(
           self.zero_shot_texts[split], self.ranker_tokenizer,
           self.settings.data.decoder_max_len)
@@ -117,8 +129,29 @@ class Evaluator:
     return {"tag": tag, "split": split, "users": len(users), "results": results,
             "intervals": summary.get("intervals", {}),
             "vs_zero_shot": summary.get("vs_reference", {}),
+            "readability": readability,
             "bootstrap": {k: summary[k] for k in ("samples", "confidence", "seed")
                           if k in summary}}
+
+  @property
+  def _scores_perplexity(self) -> bool:
+    return self.reference_logprobs is not None and self.settings.eval.reference_perplexity
+
+  def readability(self, users: UserSplit, profiles: profiles_lib.Profiles) -> dict:
+    """distinct-1/2 of the profiles and, when enabled, their reference perplexity."""
+    cfg = self.settings.eval
+    sums = counts = None
+    if self._scores_perplexity and profiles.response_tokens is not None:
+      sums = self.reference_logprobs(users.prompt_tokens, users.prompt_mask,
+                                     profiles.response_tokens, profiles.response_mask)
+      counts = np.asarray(profiles.response_mask).sum(axis=1)
+    return readability_lib.summarize(profiles.texts, sums, counts,
+                                     samples=cfg.bootstrap_samples, confidence=cfg.confidence,
+                                     seed=self.seed)
+
+  def forget_fits(self) -> None:
+    """Drops the baseline fits kept for the next split (frees the history decoder)."""
+    self.fits.clear()
 
   def _rank_texts(self, tokens, mask, users: UserSplit, item_emb, desc: str) -> np.ndarray:
     query = self.embed_texts(tokens, mask, desc)
@@ -147,9 +180,12 @@ class Evaluator:
       out["random"] = ranks_from_scores(scores, users)
     if "sasrec" in names:
       self.note_fit("sasrec", train.user)
-      sequences = [np.append(h[h >= 0], t) for h, t in zip(train.history, train.target)]
-      model = baselines_lib.train_sasrec(sequences, n, steps=self.settings.eval.sasrec_steps,
-                                         seed=self.seed, max_len=train.history.shape[1])
+      if "sasrec" not in self.fits:
+        sequences = [np.append(h[h >= 0], t) for h, t in zip(train.history, train.target)]
+        self.fits["sasrec"] = baselines_lib.train_sasrec(
+            sequences, n, steps=self.settings.eval.sasrec_steps, seed=self.seed,
+            max_len=train.history.shape[1])
+      model = self.fits["sasrec"]
       histories = [h[h >= 0] for h in users.history]
       out["sasrec"] = ranks_from_scores(baselines_lib.sasrec_scores(model, histories), users)
     if "history" in names and users.prompt_text and train.prompt_text:
@@ -176,6 +212,18 @@ class Evaluator:
       return baselines_lib.history_query_tokens(
           self.ranker_tokenizer, texts, bl.history_pad_len, bl.history_max_len)
 
+    if "history" not in self.fits:
+      self.fits["history"] = self._fit_history_decoder(tokens_of)
+    embed_fn, item_emb = self.fits["history"]
+    query_emb = retrieval.embed_catalogue(embed_fn, *tokens_of(users),
+                                          self.settings.decoder.embed_batch_size,
+                                          mesh=self.mesh, desc="history baseline: queries")
+    return np.asarray(retrieval.rank_users(query_emb, item_emb, users.target, users.history,
+                                           mesh=self.mesh))
+
+  def _fit_history_decoder(self, tokens_of):
+    """Trains the history baseline's decoder copy; returns (embed fn, item embeddings)."""
+    bl = self.settings.baselines
     train = self.data.train
     batch_size = min(bl.history_batch_size, len(train))
     batch_size -= batch_size % parallel.data_parallel_size(self.mesh, self.rules)
@@ -203,10 +251,7 @@ class Evaluator:
     size = self.settings.decoder.embed_batch_size
     item_emb = retrieval.embed_catalogue(embed_fn, self.data.item_tokens, self.data.item_mask,
                                          size, mesh=self.mesh, desc="history baseline: items")
-    query_emb = retrieval.embed_catalogue(embed_fn, *tokens_of(users), size, mesh=self.mesh,
-                                          desc="history baseline: queries")
-    return np.asarray(retrieval.rank_users(query_emb, item_emb, users.target, users.history,
-                                           mesh=self.mesh))
+    return embed_fn, item_emb
 
   def write_records(self, tag: str, users: UserSplit, profiles, ranks) -> None:
     """One JSON line per user: prompt, profile, target and its rank (written by the coordinator)."""

@@ -10,7 +10,8 @@ schedule:
             never trained on, by any phase or baseline);
   RL phase  re-embed the whole catalogue with the current decoder, then
             ``rl.num_lm_updates`` RLSO updates of the encoder;
-  evaluate  every ``train.eval_every_iterations`` and after the last iteration.
+  evaluate  every ``train.eval_every_iterations`` and after the last iteration
+            (none with 0), then the final table on ``eval.final_split``.
 
 Every random draw (batch order, sampling keys) is derived from (seed, iteration,
 phase, step), so the loop position saved in a checkpoint is all that is needed
@@ -29,8 +30,8 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from langptune_jax import distributed, fs, observability, parallel, preemption
 from langptune_jax import flops as flops_lib
-from langptune_jax import fs, observability, parallel, preemption
 from langptune_jax.models import embedder as embedder_lib
 from langptune_jax.rec import retrieval
 from langptune_jax.train import checkpoint as ckpt_lib
@@ -92,7 +93,7 @@ class Trainer:
         ranker_state=lambda: self.ranker_state, ranker_tokenizer=ranker_tokenizer,
         mesh=self.mesh, rules=self.rules, writer_tokenizer=writer_tokenizer,
         sampling=dataclasses.replace(self.sampling, temperature=self.settings.eval.temperature),
-        note_fit=self._note_fit)
+        note_fit=self._note_fit, reference_logprobs=self.reference_logprobs)
 
     self.position = LoopPosition()
     self.profiles: profiles_lib.Profiles | None = None  # of the CL users, this iteration
@@ -133,10 +134,13 @@ class Trainer:
   def _run(self) -> list[dict]:
     cfg = self.settings
     resumed = cfg.checkpoint.resume and self.restore()
+    every = cfg.train.eval_every_iterations  # 0: the final table only, no validation
     if not resumed:
       # Baselines and zero-shot profiles once per split, before any training.
-      for split in dict.fromkeys((cfg.eval.split, cfg.eval.final_split)):
+      splits = (cfg.eval.split, cfg.eval.final_split) if every > 0 else (cfg.eval.final_split,)
+      for split in dict.fromkeys(splits):
         self.evaluate("zero_shot", split=split, baselines=True)
+      self.evaluator.forget_fits()
     start = self.position
     for iteration in range(start.iteration, cfg.train.num_iterations):
       resuming_here = iteration == start.iteration
@@ -149,8 +153,7 @@ class Trainer:
       self.rl_phase(iteration, start.step if resuming_here and start.phase == "rl" else 0)
       done = iteration + 1
       self.position = LoopPosition(done, "cl", 0)
-      every = cfg.train.eval_every_iterations
-      if (every > 0 and done % every == 0) or done == cfg.train.num_iterations:
+      if every > 0 and (done % every == 0 or done == cfg.train.num_iterations):
         self.evaluate(f"iteration_{done}")
       self._save(self.position)
     if not any(e["tag"] == "final" for e in self.history):
@@ -223,14 +226,23 @@ class Trainer:
                                      desc=desc)
 
   def write_profiles(self, users: UserSplit, key: jax.Array, *, greedy: bool = False,
-                     desc: str = "writing profiles", settings=None) -> profiles_lib.Profiles:
+                     desc: str = "writing profiles", settings=None,
+                     keep_tokens: bool = False) -> profiles_lib.Profiles:
     return profiles_lib.write_profiles(
         self.writer_state.model, users.prompt_tokens, users.prompt_mask,
         settings=settings or self.sampling, writer_tokenizer=self.writer_tokenizer,
         ranker_tokenizer=self.ranker_tokenizer,
         decoder_max_len=self.settings.data.decoder_max_len,
         batch_size=self.settings.train.profile_batch_size, rng=key, greedy=greedy,
-        mesh=self.mesh, rules=self.rules, desc=desc)
+        mesh=self.mesh, rules=self.rules, desc=desc, keep_tokens=keep_tokens)
+
+  def reference_logprobs(self, prompt_tokens, prompt_mask, response_tokens,
+                         response_mask) -> np.ndarray:
+    """Each profile's log-prob under the frozen reference writer (its perplexity readout)."""
+    return profiles_lib.reference_logprobs(
+        self.writer_state.model, self.reference, prompt_tokens, prompt_mask, response_tokens,
+        response_mask, batch_size=self.settings.train.profile_batch_size, mesh=self.mesh,
+        rules=self.rules, desc="scoring profiles under the reference writer")
 
   # --- evaluation --------------------------------------------------------------
 
@@ -258,7 +270,7 @@ class Trainer:
       yield step
 
   def _after_step(self, metrics, phase: str, iteration: int, step: int) -> None:
-    metrics = rl_update.scalars(metrics)
+    metrics = distributed.host_scalars(metrics)
     if not math.isfinite(metrics.get("loss", 0.0)):
       raise NonFiniteLossError(
           f"{phase} step {step} of iteration {iteration}: loss is {metrics['loss']}; the run "
@@ -287,7 +299,8 @@ class Trainer:
     loop = {"position": dataclasses.asdict(position), "fingerprint": self.fingerprint,
             "history": self.history, "curves": self.curves, "seed": self.seed,
             "reference_ranks": self.evaluator.reference_ranks,
-            "zero_shot_texts": self.evaluator.zero_shot_texts}
+            "zero_shot_texts": self.evaluator.zero_shot_texts,
+            "zero_shot_readability": self.evaluator.zero_shot_readability}
     profiles = ({"texts": self.profiles.texts} if self.profiles is not None else {})
     latest = self.checkpointer.latest_step()
     self.checkpointer.save(0 if latest is None else latest + 1,
@@ -315,6 +328,7 @@ class Trainer:
     self.curves = list(loop.get("curves", []))
     self.evaluator.reference_ranks = dict(loop.get("reference_ranks", {}))
     self.evaluator.zero_shot_texts = dict(loop.get("zero_shot_texts", {}))
+    self.evaluator.zero_shot_readability = dict(loop.get("zero_shot_readability", {}))
     if profiles.get("texts"):
       tokens, mask, truncated = profiles_lib.to_ranker_inputs(
           profiles["texts"], self.ranker_tokenizer, self.settings.data.decoder_max_len)

@@ -13,6 +13,7 @@ import dataclasses
 
 import jax
 import numpy as np
+from flax import nnx
 
 from langptune_jax import distributed, observability, parallel, sampling
 from langptune_jax import settings as settings_lib
@@ -111,3 +112,35 @@ def write_profiles(model, prompt_tokens: np.ndarray, prompt_mask: np.ndarray, *,
   return Profiles(texts, tokens, mask, truncated,
                   np.concatenate(responses) if keep_tokens else None,
                   np.concatenate(masks) if keep_tokens else None)
+
+
+@nnx.jit
+def _reference_sums(model, reference, prompt_tokens, prompt_mask, response_tokens, response_mask):
+  return sampling.reference_sequence_logprobs(reference, model, prompt_tokens, prompt_mask,
+                                              response_tokens, response_mask)
+
+
+def reference_logprobs(model, reference, prompt_tokens: np.ndarray, prompt_mask: np.ndarray,
+                       response_tokens: np.ndarray, response_mask: np.ndarray, *,
+                       batch_size: int, mesh=None, rules=parallel.DEFAULT_RULES,
+                       desc: str = "scoring profiles") -> np.ndarray:
+  """Each response's summed token log-prob (T=1) under the frozen reference writer, [U].
+
+  `reference` is the run's :class:`models.finetune.ReferencePolicy`; rows go
+  `batch_size` at a time (the last batch padded with copies of its last row).
+  """
+  num = prompt_tokens.shape[0]
+  dp = parallel.data_parallel_size(mesh, rules) if mesh is not None else 1
+  batch_size = -(-batch_size // dp) * dp
+  arrays = (prompt_tokens, prompt_mask, response_tokens, response_mask)
+  sums = []
+  with parallel.use_mesh(mesh, rules):
+    for start in observability.progress(range(0, num, batch_size), desc=desc):
+      stop = min(start + batch_size, num)
+      pad = batch_size - (stop - start)
+      rows = [np.concatenate([a[start:stop]] + [a[stop - 1:stop]] * pad) for a in arrays]
+      if mesh is not None:
+        rows = list(parallel.global_batch(dict(enumerate(rows)), mesh, rules).values())
+      out = _reference_sums(model, reference, *rows)
+      sums.append(np.asarray(distributed.to_host(out))[: stop - start])
+  return np.concatenate(sums)

@@ -16,6 +16,7 @@ import json
 from typing import Sequence
 
 import matplotlib
+import numpy as np
 
 from langptune_jax import fs
 
@@ -124,6 +125,22 @@ def comparison_table(entry: dict | None, ks: Sequence[int]) -> str:
   return "\n".join(lines)
 
 
+def readability_table(entry: dict | None) -> str:
+  """distinct-1/2 and reference perplexity [interval] of the profiles of one evaluation."""
+  if not entry or not entry.get("readability"):
+    return ""
+  lines = ["| profiles | distinct-1 | distinct-2 | perplexity under the reference writer |",
+           "|---|---|---|---|"]
+  for name, label in _ordered(entry):
+    r = entry["readability"].get(name)
+    if not r:
+      continue
+    ppl = r.get("reference_perplexity")
+    cell = f"{ppl['mean']:.2f} [{ppl['lo']:.2f}, {ppl['hi']:.2f}]" if ppl else "-"
+    lines.append(f"| {label} | {r['distinct_1']:.3f} | {r['distinct_2']:.3f} | {cell} |")
+  return "\n".join(lines)
+
+
 def plot_curves(curves: Sequence[dict], path: str) -> None:
   fig, axes = plt.subplots(1, 3, figsize=(15, 4))
   panels = (("rl", "reward", "RL task reward"), ("rl", "loss", "RLSO loss"),
@@ -132,12 +149,51 @@ def plot_curves(curves: Sequence[dict], path: str) -> None:
     points = [(c["step"], c[key]) for c in curves if c["phase"] == phase and key in c]
     if points:
       xs, ys = zip(*points)
-      ax.plot(xs, ys, marker=".", linewidth=1)
+      ax.plot(xs, ys, marker=".", linewidth=1, alpha=0.6)
+      window = 5  # each RL point is a handful of prompts: the running mean shows the trend
+      if len(ys) >= 2 * window:
+        smooth = np.convolve(ys, np.ones(window) / window, mode="valid")
+        ax.plot(xs[window - 1:], smooth, linewidth=2, label=f"mean of {window}")
+        ax.legend()
     ax.set_title(title)
     ax.set_xlabel("global step")
     ax.grid(alpha=0.3)
   fig.tight_layout()
   _save_figure(fig, path)
+
+
+def validation_points(history: Sequence[dict], split: str, k: int = 10) -> list[tuple]:
+  """(iteration, ndcg@k, lo, hi) of each evaluation of the profiles of the time on `split`."""
+  out = []
+  for entry in history:
+    if entry.get("split") != split or entry["tag"] == "final":
+      continue
+    value = entry["results"].get(entry["tag"], {}).get(f"ndcg@{k}")
+    if value is None:
+      continue
+    ci = entry.get("intervals", {}).get(entry["tag"], {}).get(f"ndcg@{k}") or {}
+    out.append((entry.get("position", {}).get("iteration", 0), value, ci.get("lo", value),
+                ci.get("hi", value)))
+  return out
+
+
+def plot_validation(history: Sequence[dict], split: str, path: str, k: int = 10) -> bool:
+  """NDCG@k on `split` per iteration with its intervals; False (no file) under two points."""
+  points = validation_points(history, split, k)
+  if len(points) < 2:
+    return False
+  xs, ys, lo, hi = map(np.asarray, zip(*points))
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.errorbar(xs, ys, yerr=[ys - lo, hi - ys], marker="o", capsize=4, label="LangPTune")
+  ax.axhline(ys[0], color="grey", linestyle="--", linewidth=1, label="zero-shot")
+  ax.set_xlabel("iteration")
+  ax.set_ylabel(f"NDCG@{k} ({split})")
+  ax.set_title(f"Validation NDCG@{k} per iteration, 95% bootstrap intervals")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  _save_figure(fig, path)
+  return True
 
 
 def plot_metrics(rows: dict[str, dict[str, float]], path: str, k: int = 10,
@@ -174,8 +230,12 @@ def sample_profiles(workdir: str, tag: str, n: int) -> list[dict]:
 
 
 def write_report(workdir: str, history: Sequence[dict], curves: Sequence[dict],
-                 ks: Sequence[int], num_samples: int = 5) -> str:
-  """Writes results.md/json and the plots; returns the results table (markdown)."""
+                 ks: Sequence[int], num_samples: int = 5, validation_split: str = "val") -> str:
+  """Writes results.md/json and the plots; returns the results table (markdown).
+
+  validation.png (NDCG per iteration on `validation_split`) is drawn when that
+  split was evaluated at least twice (zero-shot and after an iteration).
+  """
   rows = method_rows(history)
   entry = final_entry(history)
   intervals = entry_intervals(entry)
@@ -188,11 +248,14 @@ def write_report(workdir: str, history: Sequence[dict], curves: Sequence[dict],
              "split": entry.get("split") if entry else None,
              "users": entry.get("users") if entry else None,
              "bootstrap": entry.get("bootstrap", {}) if entry else {},
+             "readability": entry.get("readability", {}) if entry else {},
              "evaluations": list(history)}
   _atomic_write(fs.join(workdir, "results.json"), json.dumps(summary, indent=2))
   plot_curves(curves, fs.join(workdir, "curves.png"))
-  plot_metrics(rows, fs.join(workdir, "metrics.png"), k=10 if 10 in ks else ks[0],
-               intervals=intervals)
+  k_plot = 10 if 10 in ks else ks[0]
+  plot_metrics(rows, fs.join(workdir, "metrics.png"), k=k_plot, intervals=intervals)
+  validation = plot_validation(history, validation_split, fs.join(workdir, "validation.png"),
+                               k_plot)
   where = ""
   if entry and entry.get("split"):
     boot = entry.get("bootstrap", {})
@@ -204,7 +267,13 @@ def write_report(workdir: str, history: Sequence[dict], curves: Sequence[dict],
   if comparison:
     parts += ["Paired bootstrap difference against zero-shot profiles (same users):", "",
               comparison, ""]
+  readability = readability_table(entry)
+  if readability:
+    parts += ["Readability of the profiles (distinct-n over words; perplexity: geometric mean "
+              "over profiles):", "", readability, ""]
   parts += ["![training curves](curves.png)", "![metrics](metrics.png)", ""]
+  if validation:
+    parts += [f"![validation NDCG@{k_plot} per iteration](validation.png)", ""]
   tags = [e["tag"] for e in history]
   for tag in dict.fromkeys(t for t in ("zero_shot", tags[-1] if tags else "") if t):
     samples = sample_profiles(workdir, tag, num_samples)

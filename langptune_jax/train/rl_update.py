@@ -20,11 +20,6 @@ from langptune_jax.train import setup as setup_lib
 from langptune_jax.train.run_data import UserSplit
 
 
-def scalars(metrics: dict) -> dict[str, float]:
-  """A step's metrics as host floats (gathered across processes)."""
-  return {k: float(v) for k, v in distributed.to_host(metrics).items()}
-
-
 class RlsoUpdate:
   """``update(prompts, item_emb, key, shuffle_rng)`` runs one RLSO update in place.
 
@@ -78,11 +73,11 @@ class RlsoUpdate:
       shuffled = rlso.shuffle_groups(batch, group, shuffle_rng)
       writer_state.state, m = self.rlso_pass(writer_state.state, self._global(shuffled))
       pass_metrics.append(m)
-    metrics = scalars(pass_metrics[0])  # reward/KL metrics are those of the rollout
+    metrics = distributed.host_scalars(pass_metrics[0])  # reward/KL metrics are those of the rollout
     metrics["loss"] = float(np.mean([float(m["loss"]) for m in pass_metrics]))
-    last = scalars(pass_metrics[-1])
+    last = distributed.host_scalars(pass_metrics[-1])
     metrics.update(ratio=last["ratio"], approx_kl=last["approx_kl"])
-    metrics.update({f"batch_{k}": v for k, v in scalars(rank_metrics).items()})
+    metrics.update({f"batch_{k}": v for k, v in distributed.host_scalars(rank_metrics).items()})
     metrics["truncated_fraction"] = float(np.mean(truncated))
     metrics["response_length"] = float(response_mask.sum(axis=1).mean())
     num_rows, prompt_len = batch["prompt_tokens"].shape
