@@ -152,7 +152,7 @@ def worker_jax(args, shared_prompt: bool = True) -> dict:
                 num_generations=args.group, num_ppo_epochs=args.passes,
                 response_length=args.new_tokens, temperature=1.0, top_k=0, top_p=1.0,
                 stop_at_eos=False, micro_batch_size=args.micro_batch, adam_eps=ADAM_EPS,
-                shared_prompt=shared_prompt)
+                shared_prompt=shared_prompt, reuse_rollout_logprobs=False)
   cfg.cl.update(lr=LR_CL, batch_size=args.prompts, temperature=CL_TEMPERATURE,
                 micro_batch_size=0, adam_eps=ADAM_EPS)
   cfg.data.decoder_max_len = args.profile_len

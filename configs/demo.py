@@ -5,7 +5,7 @@ Everything comes from the offline assets (``langptune-jax assets``), so
 the paper's settings live in configs/base.py and the paper configs.
 
   langptune-jax demo --config=configs/demo.py --workdir=runs/demo   # what `make demo` runs
-  langptune-jax train --config=configs/demo.py --workdir=runs/demo --config.rl.num_lm_updates=20
+  langptune-jax train --config=configs/demo.py --workdir=runs/demo --config.rl.num_lm_updates=40
 """
 
 import os
