@@ -5,7 +5,7 @@ The demo's models and data (configs/demo.py), run longer: every MovieLens-100K u
 in validation.png), and the final table on `test` with every baseline, bootstrap
 intervals, the paired comparison with zero-shot profiles and the profiles' readability
 (distinct-n, perplexity under the reference writer). Sized from the demo's step times
-for 60-80 minutes on a 2-core CPU; not part of CI. A run's table, plots, command, seed,
+for about an hour on a 2-core CPU; not part of CI. A run's table, plots, command, seed,
 wall time and commit belong under docs/results/.
 
   langptune-jax train --config=configs/ml100k_study.py --workdir=runs/ml100k_study
@@ -25,7 +25,7 @@ def get_config():
   c.train.eval_every_iterations = 1  # validation after every iteration: the study's curve
   c.train.cl_users = 112  # profiles per CL phase (a seeded subset of the train users)
   c.cl.num_emb_updates = 16
-  c.rl.num_lm_updates = 30  # 120 RLSO updates in all, 480 prompts x 2 samples
+  c.rl.num_lm_updates = 24  # 96 RLSO updates in all, 384 prompts x 2 samples
   c.rl.prompts_per_update = 4
   c.eval.reference_perplexity = True
   c.eval.sasrec_steps = 1000
