@@ -162,9 +162,19 @@ def straight(tmp_path_factory):
   workdir = tmp_path_factory.mktemp("straight")
   trainer = make_trainer(planted_config(**RUN_OVERRIDES), workdir, num_devices=1)
   spy = ProfileSpy(trainer)
+  item_passes, embed = [], trainer.embed_texts
+
+  def embed_spy(tokens, mask, desc):
+    if tokens is trainer.data.item_tokens:
+      item_passes.append(desc)
+    return embed(tokens, mask, desc)
+
+  trainer.embed_texts = embed_spy
   history = trainer.run()
   out = {"workdir": workdir, "history": history, "params": trainable_params(trainer),
-         "curves": loss_curve(trainer), "cl_profiles": spy.cl_phase(), "data": trainer.data}
+         "curves": loss_curve(trainer), "cl_profiles": spy.cl_phase(), "data": trainer.data,
+         "item_passes": item_passes, "items_kept": trainer.item_embeddings,
+         "items_now": embed(trainer.data.item_tokens, trainer.data.item_mask, "items now")}
   trainer.close()
   return out
 
@@ -189,6 +199,14 @@ def test_cl_phase_writes_profiles_for_a_subset_of_train_users(straight):
   users = call["users"]
   assert len(users) == 24 and len(set(users.tolist())) == 24
   assert set(users.tolist()) <= set(data.train.user.tolist())  # never a held-out user
+
+
+def test_catalogue_is_embedded_once_per_decoder_state(straight):
+  # Before training one pass serves every split's evaluation; the RL phase embeds it again
+  # after the CL steps, and the final table reuses that pass (RL leaves the decoder as is).
+  assert straight["item_passes"] == ["zero_shot: embedding items",
+                                     "iteration 0: embedding items"]
+  np.testing.assert_array_equal(straight["items_kept"], straight["items_now"])
 
 
 def test_checkpoints_rotate_to_max_to_keep(straight):

@@ -93,11 +93,16 @@ class Trainer:
         ranker_state=lambda: self.ranker_state, ranker_tokenizer=ranker_tokenizer,
         mesh=self.mesh, rules=self.rules, writer_tokenizer=writer_tokenizer,
         sampling=dataclasses.replace(self.sampling, temperature=self.settings.eval.temperature),
-        note_fit=self._note_fit, reference_logprobs=self.reference_logprobs)
+        note_fit=self._note_fit, reference_logprobs=self.reference_logprobs,
+        embed_items=self.item_embeddings_now)
 
     self.position = LoopPosition()
     self.profiles: profiles_lib.Profiles | None = None  # of the CL users, this iteration
+    # The catalogue embedded by the decoder, reused until the decoder next moves (a CL step
+    # or a restore): RL phases and the evaluations after them share one pass.
     self.item_embeddings: np.ndarray | None = None
+    self._decoder_moves = 0
+    self._items_embedded_at = -1  # the `_decoder_moves` of `item_embeddings`
     self.history: list[dict] = []  # evaluation results, in order
     self.curves: list[dict] = []  # per-step training scalars, for the report's plots
     # Users each training phase and baseline fit has seen, by name (the leakage check).
@@ -190,6 +195,7 @@ class Trainer:
                        self.data, users.target[index])
       batch = parallel.global_batch(batch, self.mesh, self.rules)
       self.ranker_state.state, metrics = self.cl_step(self.ranker_state.state, batch)
+      self._decoder_moves += 1
       width = self.profiles.ranker_tokens.shape[1]
       metrics = dict(metrics, **self.cl_timer.metrics(
           tokens=2 * batch_size * width,
@@ -201,9 +207,8 @@ class Trainer:
 
   def rl_phase(self, iteration: int, start_step: int = 0) -> None:
     cfg = self.settings.rl
-    self.item_embeddings = self.embed_texts(self.data.item_tokens, self.data.item_mask,
-                                            desc=f"iteration {iteration}: embedding items")
-    item_emb = parallel.put(self.item_embeddings, self.mesh, ("items", None), self.rules)
+    item_emb = self.item_embeddings_now(f"iteration {iteration}: embedding items")
+    item_emb = parallel.put(item_emb, self.mesh, ("items", None), self.rules)
     users = self.data.train
     num_prompts = cfg.prompts_per_update
     if len(users) < num_prompts:
@@ -224,6 +229,13 @@ class Trainer:
     return retrieval.embed_catalogue(self._embed, tokens, mask,
                                      self.settings.decoder.embed_batch_size, mesh=self.mesh,
                                      desc=desc)
+
+  def item_embeddings_now(self, desc: str) -> np.ndarray:
+    """The catalogue embedded by the decoder as it is now, [items, D] on the host."""
+    if self._items_embedded_at != self._decoder_moves:
+      self.item_embeddings = self.embed_texts(self.data.item_tokens, self.data.item_mask, desc)
+      self._items_embedded_at = self._decoder_moves
+    return self.item_embeddings
 
   def write_profiles(self, users: UserSplit, key: jax.Array, *, greedy: bool = False,
                      desc: str = "writing profiles", settings=None,
@@ -323,6 +335,7 @@ class Trainer:
     step, enc, dec, loop, profiles = restored
     self.writer_state.load_trainable_state(enc)
     self.ranker_state.load_trainable_state(dec)
+    self._decoder_moves += 1
     self.position = LoopPosition(**loop["position"])
     self.history = list(loop.get("history", []))
     self.curves = list(loop.get("curves", []))

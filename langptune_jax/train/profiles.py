@@ -85,6 +85,19 @@ def to_ranker_inputs(texts: list[str], tokenizer, max_len: int):
   return tokens, mask, np.asarray(embedder_lib.is_truncated(mask), bool)
 
 
+def padded_batches(arrays, batch_size: int, desc: str):
+  """Yields (real rows, batch): `batch_size` rows of every array at a time, with a progress bar.
+
+  The last batch is padded with copies of its last row, so every batch has one shape
+  (one compilation); callers keep the first `real rows` of each result.
+  """
+  num = arrays[0].shape[0]
+  for start in observability.progress(range(0, num, batch_size), desc=desc):
+    stop = min(start + batch_size, num)
+    pad = batch_size - (stop - start)
+    yield stop - start, [np.concatenate([a[start:stop]] + [a[stop - 1:stop]] * pad) for a in arrays]
+
+
 def write_profiles(model, prompt_tokens: np.ndarray, prompt_mask: np.ndarray, *,
                    settings: SamplingSettings, writer_tokenizer, ranker_tokenizer,
                    decoder_max_len: int, batch_size: int, rng: jax.Array, greedy: bool = False,
@@ -96,14 +109,11 @@ def write_profiles(model, prompt_tokens: np.ndarray, prompt_mask: np.ndarray, *,
     raise ValueError(f"{desc}: no users to write profiles for")
   texts, responses, masks = [], [], []
   with parallel.use_mesh(mesh, rules):
-    for i, start in enumerate(observability.progress(range(0, num, batch_size), desc=desc)):
-      stop = min(start + batch_size, num)
-      pad = batch_size - (stop - start)
-      tok = np.concatenate([prompt_tokens[start:stop]] + [prompt_tokens[stop - 1:stop]] * pad)
-      msk = np.concatenate([prompt_mask[start:stop]] + [prompt_mask[stop - 1:stop]] * pad)
+    batches = padded_batches((prompt_tokens, prompt_mask), batch_size, desc)
+    for i, (real, (tok, msk)) in enumerate(batches):
       out = generate(model, tok, msk, settings, jax.random.fold_in(rng, i), greedy=greedy)
       out_tokens, out_mask = distributed.to_host((out.tokens, out.response_mask))
-      out_tokens, out_mask = out_tokens[: stop - start], out_mask[: stop - start]
+      out_tokens, out_mask = out_tokens[:real], out_mask[:real]
       texts.extend(decode_responses(writer_tokenizer, out_tokens, out_mask))
       if keep_tokens:
         responses.append(out_tokens)
@@ -129,18 +139,14 @@ def reference_logprobs(model, reference, prompt_tokens: np.ndarray, prompt_mask:
   `reference` is the run's :class:`models.finetune.ReferencePolicy`; rows go
   `batch_size` at a time (the last batch padded with copies of its last row).
   """
-  num = prompt_tokens.shape[0]
   dp = parallel.data_parallel_size(mesh, rules) if mesh is not None else 1
   batch_size = -(-batch_size // dp) * dp
   arrays = (prompt_tokens, prompt_mask, response_tokens, response_mask)
   sums = []
   with parallel.use_mesh(mesh, rules):
-    for start in observability.progress(range(0, num, batch_size), desc=desc):
-      stop = min(start + batch_size, num)
-      pad = batch_size - (stop - start)
-      rows = [np.concatenate([a[start:stop]] + [a[stop - 1:stop]] * pad) for a in arrays]
+    for real, rows in padded_batches(arrays, batch_size, desc):
       if mesh is not None:
         rows = list(parallel.global_batch(dict(enumerate(rows)), mesh, rules).values())
       out = _reference_sums(model, reference, *rows)
-      sums.append(np.asarray(distributed.to_host(out))[: stop - start])
+      sums.append(np.asarray(distributed.to_host(out))[:real])
   return np.concatenate(sums)
