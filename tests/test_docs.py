@@ -38,7 +38,7 @@ def test_readme_stays_a_short_guide():
 
 def test_relative_links_of_the_documents_resolve():
   broken = []
-  for doc in (README, ROOT / "docs" / "method.md", ROOT / "bench" / "README.md"):
+  for doc in (README, *sorted((ROOT / "docs").rglob("*.md")), ROOT / "bench" / "README.md"):
     for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text(encoding="utf-8")):
       if "://" not in target and not (doc.parent / target).exists():
         broken.append(f"{doc.relative_to(ROOT)} -> {target}")

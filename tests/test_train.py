@@ -309,19 +309,21 @@ def alternating_run(workdir, **overrides):
   trainer = make_trainer(cfg, workdir, data=learning_data(), num_devices=1)
   history = trainer.run()
   trainer.close()
-  return cfg, trainer.data, history
+  return cfg, trainer.data, history, trainer.curves
 
 
 @pytest.fixture(scope="module")
 def learning(tmp_path_factory):
   """The same schedule and greedy evaluation, once learning and once with lr ~ 0."""
   workdir = tmp_path_factory.mktemp("learning")
-  cfg, data, history = alternating_run(workdir, rl__lr=1e-2, cl__lr=3e-3,
-                                       train__eval_every_iterations=1,
-                                       eval__reference_perplexity=True)
-  _, _, frozen = alternating_run(tmp_path_factory.mktemp("frozen"), rl__lr=1e-12, cl__lr=1e-12,
-                                 train__eval_every_iterations=2, eval__baselines=())
-  return {"cfg": cfg, "data": data, "workdir": workdir, "history": history, "frozen": frozen}
+  cfg, data, history, curves = alternating_run(workdir, rl__lr=1e-2, cl__lr=3e-3,
+                                               train__eval_every_iterations=1,
+                                               eval__reference_perplexity=True)
+  _, _, frozen, _ = alternating_run(tmp_path_factory.mktemp("frozen"), rl__lr=1e-12,
+                                    cl__lr=1e-12, train__eval_every_iterations=2,
+                                    eval__baselines=())
+  return {"cfg": cfg, "data": data, "workdir": workdir, "history": history, "frozen": frozen,
+          "curves": curves}
 
 
 def final_ndcg(history):
@@ -346,7 +348,7 @@ def test_eval_every_iterations(learning):
 
 
 def test_eval_every_zero_evaluates_the_final_split_only(tmp_path):
-  _, _, history = alternating_run(tmp_path, train__eval_every_iterations=0,
+  _, _, history, _ = alternating_run(tmp_path, train__eval_every_iterations=0,
                                   train__num_iterations=1, rl__num_lm_updates=1,
                                   cl__num_emb_updates=1, eval__baselines=("popularity",),
                                   eval__split="val", eval__final_split="test")
@@ -378,10 +380,27 @@ def test_validation_curve_has_a_point_per_iteration(learning, tmp_path):
   for (_, value, lo, hi), entry in zip(points, history):
     assert value == entry["results"][entry["tag"]]["ndcg@10"]
     assert lo <= value <= hi
+  cl_only = report.validation_points(history, "val", method="cl_only")
+  assert [p[0] for p in cl_only] == [1, 2]  # zero-shot profiles under each tuned decoder
+  for (_, value, lo, hi), entry in zip(cl_only, history[1:]):
+    assert value == entry["results"]["cl_only"]["ndcg@10"]
+    assert lo <= value <= hi
   assert report.plot_validation(history, "val", str(tmp_path / "validation.png"))
   assert (tmp_path / "validation.png").stat().st_size > 0
   assert not report.plot_validation(history[:1], "val", str(tmp_path / "one.png"))
   assert not (tmp_path / "one.png").exists()
+
+
+def test_curves_break_where_the_other_phase_ran(learning, tmp_path):
+  steps = [(1, 0.1), (2, 0.2), (3, 0.3), (7, 0.4), (8, 0.5), (12, 0.6)]
+  assert report.phase_runs(steps) == [steps[:3], steps[3:5], steps[5:]]
+  assert report.phase_runs([]) == []
+  rl = [(c["step"], c["reward"]) for c in learning["curves"] if c["phase"] == "rl"]
+  runs = report.phase_runs(rl)
+  assert len(runs) == int(learning["cfg"].train.num_iterations)  # one RL phase per iteration
+  assert sum(map(len, runs)) == len(rl)
+  report.plot_curves(learning["curves"], str(tmp_path / "curves.png"))
+  assert (tmp_path / "curves.png").stat().st_size > 0
 
 
 def test_evaluation_records_each_user(learning):

@@ -141,20 +141,36 @@ def readability_table(entry: dict | None) -> str:
   return "\n".join(lines)
 
 
+def phase_runs(points: Sequence[tuple]) -> list[list[tuple]]:
+  """Splits (step, value) points where the steps jump: another phase ran in between."""
+  runs, run = [], []
+  for point in points:
+    if run and point[0] != run[-1][0] + 1:
+      runs.append(run)
+      run = []
+    run.append(point)
+  return runs + ([run] if run else [])
+
+
 def plot_curves(curves: Sequence[dict], path: str) -> None:
   fig, axes = plt.subplots(1, 3, figsize=(15, 4))
   panels = (("rl", "reward", "RL task reward"), ("rl", "loss", "RLSO loss"),
             ("cl", "loss", "InfoNCE loss"))
+  window = 5  # each RL point is a handful of prompts: the running mean shows the trend
   for ax, (phase, key, title) in zip(axes, panels):
     points = [(c["step"], c[key]) for c in curves if c["phase"] == phase and key in c]
-    if points:
-      xs, ys = zip(*points)
-      ax.plot(xs, ys, marker=".", linewidth=1, alpha=0.6)
-      window = 5  # each RL point is a handful of prompts: the running mean shows the trend
+    labelled = False
+    # One line per phase run, so no line (or mean) bridges the other phase's steps.
+    for run in phase_runs(points):
+      xs, ys = zip(*run)
+      ax.plot(xs, ys, color="C0", marker=".", linewidth=1, alpha=0.6)
       if len(ys) >= 2 * window:
         smooth = np.convolve(ys, np.ones(window) / window, mode="valid")
-        ax.plot(xs[window - 1:], smooth, linewidth=2, label=f"mean of {window}")
-        ax.legend()
+        ax.plot(xs[window - 1:], smooth, color="C1", linewidth=2,
+                label=None if labelled else f"mean of {window}")
+        labelled = True
+    if labelled:
+      ax.legend()
     ax.set_title(title)
     ax.set_xlabel("global step")
     ax.grid(alpha=0.3)
@@ -162,30 +178,42 @@ def plot_curves(curves: Sequence[dict], path: str) -> None:
   _save_figure(fig, path)
 
 
-def validation_points(history: Sequence[dict], split: str, k: int = 10) -> list[tuple]:
-  """(iteration, ndcg@k, lo, hi) of each evaluation of the profiles of the time on `split`."""
+def validation_points(history: Sequence[dict], split: str, k: int = 10,
+                      method: str | None = None) -> list[tuple]:
+  """(iteration, ndcg@k, lo, hi) of each evaluation on `split` before the final table.
+
+  `method` None: the profiles of the time (each entry's own tag); else that row of
+  every entry that has it (e.g. "cl_only": zero-shot profiles, the decoder of the time).
+  """
   out = []
   for entry in history:
     if entry.get("split") != split or entry["tag"] == "final":
       continue
-    value = entry["results"].get(entry["tag"], {}).get(f"ndcg@{k}")
+    name = method or entry["tag"]
+    value = entry["results"].get(name, {}).get(f"ndcg@{k}")
     if value is None:
       continue
-    ci = entry.get("intervals", {}).get(entry["tag"], {}).get(f"ndcg@{k}") or {}
+    ci = entry.get("intervals", {}).get(name, {}).get(f"ndcg@{k}") or {}
     out.append((entry.get("position", {}).get("iteration", 0), value, ci.get("lo", value),
                 ci.get("hi", value)))
   return out
 
 
 def plot_validation(history: Sequence[dict], split: str, path: str, k: int = 10) -> bool:
-  """NDCG@k on `split` per iteration with its intervals; False (no file) under two points."""
+  """NDCG@k on `split` per iteration with its intervals, beside CL only; False under two points."""
   points = validation_points(history, split, k)
   if len(points) < 2:
     return False
-  xs, ys, lo, hi = map(np.asarray, zip(*points))
   fig, ax = plt.subplots(figsize=(6, 4))
-  ax.errorbar(xs, ys, yerr=[ys - lo, hi - ys], marker="o", capsize=4, label="LangPTune")
-  ax.axhline(ys[0], color="grey", linestyle="--", linewidth=1, label="zero-shot")
+  series = [("LangPTune", points, 0.0),
+            ("CL only (zero-shot profiles)", validation_points(history, split, k, "cl_only"), 0.08)]
+  for label, pts, shift in series:
+    if not pts:
+      continue
+    xs, ys, lo, hi = map(np.asarray, zip(*pts))
+    # A small shift keeps the two series' error bars apart.
+    ax.errorbar(xs + shift, ys, yerr=[ys - lo, hi - ys], marker="o", capsize=4, label=label)
+  ax.axhline(points[0][1], color="grey", linestyle="--", linewidth=1, label="zero-shot")
   ax.set_xlabel("iteration")
   ax.set_ylabel(f"NDCG@{k} ({split})")
   ax.set_title(f"Validation NDCG@{k} per iteration, 95% bootstrap intervals")
