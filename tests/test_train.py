@@ -349,9 +349,9 @@ def test_eval_every_iterations(learning):
 
 def test_eval_every_zero_evaluates_the_final_split_only(tmp_path):
   _, _, history, _ = alternating_run(tmp_path, train__eval_every_iterations=0,
-                                  train__num_iterations=1, rl__num_lm_updates=1,
-                                  cl__num_emb_updates=1, eval__baselines=("popularity",),
-                                  eval__split="val", eval__final_split="test")
+                                     train__num_iterations=1, rl__num_lm_updates=1,
+                                     cl__num_emb_updates=1, eval__baselines=("popularity",),
+                                     eval__split="val", eval__final_split="test")
   assert [(h["tag"], h["split"]) for h in history] == [("zero_shot", "test"), ("final", "test")]
   assert "cl_only" in history[-1]["results"] and "popularity" in history[-1]["results"]
 

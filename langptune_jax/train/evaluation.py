@@ -60,6 +60,9 @@ class Evaluator:
   data: RunData
   workdir: str
   embed_texts: EmbedTexts
+  # embed_items(desc) -> [items, D]: the catalogue under the current decoder (the trainer
+  # reuses one pass until the decoder moves)
+  embed_items: Callable[[str], np.ndarray]
   write_profiles: WriteProfiles
   ranker_state: Callable[[], state_lib.TrainState]  # the decoder as it is now
   ranker_tokenizer: object
@@ -71,9 +74,6 @@ class Evaluator:
   # reference_logprobs(prompt_tokens, prompt_mask, response_tokens, response_mask) -> [U]:
   # each profile's log-prob under the frozen reference writer (the perplexity readout)
   reference_logprobs: Callable | None = None
-  # embed_items(desc) -> [items, D]: the catalogue under the current decoder (the trainer
-  # reuses one pass until the decoder moves); None: embed it on every evaluation
-  embed_items: Callable[[str], np.ndarray] | None = None
   reference_ranks: dict = dataclasses.field(default_factory=dict)  # split -> row -> ranks
   zero_shot_texts: dict = dataclasses.field(default_factory=dict)  # split -> profile texts
   zero_shot_readability: dict = dataclasses.field(default_factory=dict)  # split -> summary
@@ -99,7 +99,7 @@ class Evaluator:
     users = self.data.split(split).head(cfg.max_users)
     ks = cfg.ks
     n = self.data.num_items
-    item_emb = self._item_embeddings(f"{tag}: embedding items")
+    item_emb = self.embed_items(f"{tag}: embedding items")
     profiles = self.write_profiles(users, key, greedy=cfg.greedy, desc=f"{tag}: profiles",
                                    settings=self.sampling, keep_tokens=self._scores_perplexity)
     readability = {tag: self.readability(users, profiles)}
@@ -134,11 +134,6 @@ class Evaluator:
             "readability": readability,
             "bootstrap": {k: summary[k] for k in ("samples", "confidence", "seed")
                           if k in summary}}
-
-  def _item_embeddings(self, desc: str) -> np.ndarray:
-    if self.embed_items is not None:
-      return self.embed_items(desc)
-    return self.embed_texts(self.data.item_tokens, self.data.item_mask, desc)
 
   @property
   def _scores_perplexity(self) -> bool:

@@ -89,12 +89,12 @@ class Trainer:
     self.profile_window = observability.ProfileWindow(config.profile,
                                                       fs.join(workdir, "profile"))
     self.evaluator = evaluation.Evaluator(
-        self.settings, data, workdir, embed_texts=self.embed_texts, write_profiles=self.write_profiles,
+        self.settings, data, workdir, embed_texts=self.embed_texts,
+        embed_items=self.item_embeddings_now, write_profiles=self.write_profiles,
         ranker_state=lambda: self.ranker_state, ranker_tokenizer=ranker_tokenizer,
         mesh=self.mesh, rules=self.rules, writer_tokenizer=writer_tokenizer,
         sampling=dataclasses.replace(self.sampling, temperature=self.settings.eval.temperature),
-        note_fit=self._note_fit, reference_logprobs=self.reference_logprobs,
-        embed_items=self.item_embeddings_now)
+        note_fit=self._note_fit, reference_logprobs=self.reference_logprobs)
 
     self.position = LoopPosition()
     self.profiles: profiles_lib.Profiles | None = None  # of the CL users, this iteration
